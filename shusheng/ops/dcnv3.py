@@ -54,6 +54,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return names + ["reference"]
 
 
+@torch.compiler.assume_constant_result
 def default_backend(device: torch.device | str | None = None) -> str:
     """The backend ``dcnv3_core(..., backend=None)`` uses on ``device``."""
     dev = torch.device(device if device is not None else "cpu")
@@ -229,8 +230,9 @@ def dcnv3_core(
     Raises:
         DCNv3ArgumentError: for arguments that cannot be right, with a message saying what is expected.
     """
-    _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                dilation_w, group, group_channels, offset_scale, remove_center)
+    if not torch.jit.is_tracing():  # the TorchScript tracer would bake each shape check into the graph
+        _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                    dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
     if offset.dtype != input.dtype:
         offset = offset.to(input.dtype)
     if mask.dtype != input.dtype:

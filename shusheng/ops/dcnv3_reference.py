@@ -81,15 +81,19 @@ def dcnv3_core_pytorch(
     N, H_in, W_in, _ = input.shape
     H_out, W_out = offset.shape[1], offset.shape[2]
     G, gc = group, group_channels
-    pts = kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, bool(remove_center))
-    P = len(pts)
     dt, dev = input.dtype, input.device
     c_w = dilation_w * (kernel_w - 1) // 2
     c_h = dilation_h * (kernel_h - 1) // 2
 
+    # Fixed kernel displacement of each point, column-major (p = i*K_h + j); built from aranges rather than
+    # Python lists so that tracing for export records no constants.
+    kx = (torch.arange(kernel_w, dtype=dt, device=dev) * dilation_w - c_w).repeat_interleave(kernel_h)  # (K*K,)
+    ky = (torch.arange(kernel_h, dtype=dt, device=dev) * dilation_h - c_h).repeat(kernel_w)
+    if remove_center:
+        c = (kernel_w // 2) * kernel_h + kernel_h // 2
+        kx, ky = torch.cat((kx[:c], kx[c + 1:])), torch.cat((ky[:c], ky[c + 1:]))
+    P = kernel_h * kernel_w - int(bool(remove_center))
     # Fixed part of the sampling positions, in input pixel coordinates.
-    kx = torch.tensor([p[0] for p in pts], dtype=dt, device=dev)  # (P,)
-    ky = torch.tensor([p[1] for p in pts], dtype=dt, device=dev)
     base_x = torch.arange(W_out, dtype=dt, device=dev) * stride_w - pad_w + c_w  # (W_out,)
     base_y = torch.arange(H_out, dtype=dt, device=dev) * stride_h - pad_h + c_h  # (H_out,)
 

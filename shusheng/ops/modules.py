@@ -105,7 +105,7 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj_bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 4 or input.shape[-1] != self.channels:
+        if not torch.jit.is_tracing() and (input.dim() != 4 or input.shape[-1] != self.channels):
             hint = " (it looks channels-first: use x.permute(0, 2, 3, 1))" if (
                 input.dim() == 4 and input.shape[1] == self.channels) else ""
             raise ValueError(
