@@ -15,6 +15,8 @@ import sys
 # command name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ops": ("shusheng.ops.cli", "DCNv3 operator: list backends and run their self-test against the reference"),
+    "train": ("shusheng.train.cli", "train a model (classify, ...)"),
+    "eval": ("shusheng.train.eval_cli", "evaluate a trained model (classify, ...)"),
 }
 
 

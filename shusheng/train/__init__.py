@@ -1,0 +1,1 @@
+"""Training entry points (``shusheng train ...``). Inference code never imports this package."""
