@@ -15,6 +15,7 @@ import sys
 # command name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ops": ("shusheng.ops.cli", "DCNv3 operator: list backends and run their self-test against the reference"),
+    "data": ("shusheng.data.cli", "datasets: generate SynthDrive driving scenes (images, captions, QA, boxes, masks)"),
     "train": ("shusheng.train.cli", "train a model (classify, ...)"),
     "eval": ("shusheng.train.eval_cli", "evaluate a trained model (classify, ...)"),
 }
