@@ -233,6 +233,8 @@ def dcnv3_core(
     if not torch.jit.is_tracing():  # the TorchScript tracer would bake each shape check into the graph
         _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                     dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+    if input.device.type == "meta":  # shape-only (FLOP counting, meta-device model building)
+        return input.new_empty((input.shape[0], offset.shape[1], offset.shape[2], group * group_channels))
     if offset.dtype != input.dtype:
         offset = offset.to(input.dtype)
     if mask.dtype != input.dtype:

@@ -141,6 +141,40 @@ def _image_folder(root: str, transform):
     return ImageFolder(root, transform=transform, loader=load_image)
 
 
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Wraps a dataset so that the random augmentation of item ``i`` in epoch ``e`` depends only on
+    ``(seed, e, i)``, never on the global RNG (which it leaves untouched).
+
+    Augmentations are then identical whatever the number of workers, and a run resumed from a checkpoint sees
+    exactly the images an uninterrupted run would have seen (data loaders fetch ahead of the training step, so
+    restoring the global RNG alone cannot achieve that). Set ``epoch`` before each epoch; workers must not be
+    persistent so that they see the new value.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        item_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(i)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            np.random.seed(item_seed % 2**32)
+            try:
+                return self.dataset[i]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
 def _transforms(cfg: ClassifyConfig, model: nn.Module, training: bool):
     timm_data = require("timm.data", extra="backbone", package="timm")
     pcfg = getattr(model, "pretrained_cfg", None) or {}
@@ -213,10 +247,12 @@ def train(cfg: ClassifyConfig) -> dict:
     probe = _image_folder(cfg.data_dir, None)
     num_classes = len(probe.classes)
     model = build_model(cfg.model, num_classes, cfg.drop_path, cfg.pretrained)
-    train_ds = _image_folder(cfg.data_dir, _transforms(cfg, model, training=True))
+    train_ds = SeededAugmentation(_image_folder(cfg.data_dir, _transforms(cfg, model, training=True)), cfg.seed)
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers, drop_last=len(train_ds) >= cfg.batch_size,
-        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0)
+        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+        drop_last=len(train_ds) >= cfg.batch_size, pin_memory=torch.cuda.is_available(),
+        # its own generator: shuffling never draws from the global RNG (restored by checkpoints)
+        generator=torch.Generator().manual_seed(cfg.seed))
 
     global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     scale = global_batch / 512
@@ -256,6 +292,8 @@ def train(cfg: ClassifyConfig) -> dict:
 
     def save(epoch: int, batch_in_epoch: int) -> None:
         d = out / "checkpoints" / f"step_{step}"
+        if (d / "progress.json").exists():  # already saved at this step (save_every hit the last step)
+            return
         acc.save_state(str(d))
         if acc.is_main_process:
             (d / "progress.json").write_text(json.dumps(
@@ -271,6 +309,7 @@ def train(cfg: ClassifyConfig) -> dict:
         if done:
             break
         loader.set_epoch(epoch)
+        train_ds.epoch = epoch
         it = acc.skip_first_batches(loader, skip_batches * cfg.grad_accum) if skip_batches else loader
         batch_in_epoch = skip_batches
         skip_batches = 0
