@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for _ in range(args.trials):
                 for name, m in models.items():
-                    per_model[name].append(median_time(lambda m=m: m(x), warmup=1, min_runs=3,
+                    per_model[name].append(median_time(lambda m=m, x=x: m(x), warmup=1, min_runs=3,
                                                        budget_s=args.budget))
         base = statistics.median(per_model[args.baseline])
         ref_name = f"{args.model} [reference]"
