@@ -57,8 +57,7 @@ def _cpu_signature() -> str:
 def _build_key() -> str:
     h = hashlib.sha256()
     h.update(_SOURCE.read_bytes())
-    for part in (" ".join(_CFLAGS), " ".join(_LDFLAGS), torch.__version__, _cpu_signature(),
-                 platform.python_version()):
+    for part in (" ".join(_CFLAGS), " ".join(_LDFLAGS), torch.__version__, _cpu_signature()):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 
@@ -76,13 +75,29 @@ def _ops_registered() -> bool:
     return hasattr(torch.ops, "shusheng_cpu") and hasattr(torch.ops.shusheng_cpu, "dcnv3_forward")
 
 
+def _import_cpp_extension():
+    # Importing it on a machine without CUDA logs a warning about CUDA_HOME, which is irrelevant for a CPU build.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    return cpp_extension
+
+
 def _load() -> bool:
     """Compile (or reuse the cached build) and load the kernel; True when the ops are registered."""
-    from torch.utils import cpp_extension
-
     build_dir = _cache_root() / f"dcnv3_cpu_{_build_key()}"
+    library = build_dir / f"{_NAME}.so"
+    if library.exists() and not os.access(build_dir, os.W_OK):
+        # A read-only shared cache: nothing to build (the key guarantees the binary fits), just load it.
+        torch.ops.load_library(str(library))
+        return _ops_registered()
+    cpp_extension = _import_cpp_extension()
     build_dir.mkdir(parents=True, exist_ok=True)
-    cached = (build_dir / f"{_NAME}.so").exists()
+    cached = library.exists()
     if not cached:
         logger.info("compiling DCNv3 CPU kernel, once, cached in %s", build_dir)
     start = time.perf_counter()

@@ -431,8 +431,22 @@ inline void reduce_rows(const double* __restrict__ rows, int64_t nrows, double* 
   }
 }
 
+// grad_mask = sum_c grad_out * sample; grad_offset = s * m * sum_c grad_out * d(sample)/d(x|y).
+template <typename scalar_t, typename acc_t>
+inline void sums_to_grads(acc_t sum_sample, acc_t sum_dx, acc_t sum_dy, acc_t s_times_m, scalar_t* grad_mask,
+                          scalar_t* grad_offset) {
+  *grad_mask = static_cast<scalar_t>(sum_sample);
+  grad_offset[0] = static_cast<scalar_t>(s_times_m * sum_dx);
+  grad_offset[1] = static_cast<scalar_t>(s_times_m * sum_dy);
+}
+
 // grad_input_acc is float for half/bfloat16 (cast back by the caller) and the output tensor itself otherwise;
 // it must be zero-initialised. grad_offset and grad_mask are fully written here.
+//
+// Work is split into tasks (image n, block of consecutive groups): a task owns the channel slices of its groups
+// in grad_input, so the bilinear scatter needs no atomics, and its own grad_offset/grad_mask entries. Blocks are
+// as large as the thread count allows (all groups of an image when N is large), so that a task reads the
+// offsets, mask and grad_output of a pixel as one contiguous run.
 template <typename scalar_t, int GC>
 void backward_impl(const Geometry& g, const scalar_t* grad_output, const scalar_t* input, const scalar_t* offset,
                    const scalar_t* mask, at::opmath_type<scalar_t>* grad_input_acc, scalar_t* grad_offset,
@@ -441,21 +455,29 @@ void backward_impl(const Geometry& g, const scalar_t* grad_output, const scalar_
   const int64_t gc = GC > 0 ? GC : g.gc;
   const int64_t C = g.C, P = g.P, G = g.G;
   const int64_t WC = g.W_in * C;
-  std::vector<acc_t> kx, ky;
-  kernel_displacements(g, 1, kx, ky);
   const acc_t s = static_cast<acc_t>(g.offset_scale);
   const int64_t c_w = g.dilation_w * (g.kernel_w - 1) / 2;
   const int64_t c_h = g.dilation_h * (g.kernel_h - 1) / 2;
   const int64_t HWo = g.H_out * g.W_out;
   const int64_t HWi = g.H_in * g.W_in;
 
+  // Two tasks per thread when the batch alone does not provide them.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t blocks_wanted = std::min<int64_t>(G, (2 * threads + g.N - 1) / g.N);
+  const int64_t block = (G + blocks_wanted - 1) / blocks_wanted;  // groups per task
+  const int64_t blocks = (G + block - 1) / block;
+  const int64_t BP = block * P;  // points per (pixel, task)
+
+  std::vector<acc_t> kx, ky;
+  kernel_displacements(g, block, kx, ky);
+
   constexpr int L = kLanes<acc_t>;
   const bool batched = gc % L == 0;
   // Rows of lane-folded terms (3 per point), padded with zero rows to a multiple of L for reduce_rows.
-  const int64_t n_rows = (3 * P + L - 1) / L * L;
+  const int64_t n_rows = (3 * BP + L - 1) / L * L;
 
-  at::parallel_for(0, g.N * G, 1, [&](int64_t begin, int64_t end) {
-    PointTable<acc_t> t(P);
+  at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    PointTable<acc_t> t(BP);
     std::vector<acc_t> rows(batched ? n_rows * L : 0, acc_t(0));
     std::vector<acc_t> sums(batched ? n_rows : 0, acc_t(0));
     // go: grad_out of the current (pixel, group) in acc_t; terms: scratch of backward_point; sink: grad_input
@@ -467,77 +489,73 @@ void backward_impl(const Geometry& g, const scalar_t* grad_output, const scalar_
     acc_t* const sinks[4] = {sink, sink + gc, sink + 2 * gc, sink + 3 * gc};
     const std::vector<scalar_t> zeros(gc, scalar_t(0));
     const scalar_t* const outside[4] = {zeros.data(), zeros.data(), zeros.data(), zeros.data()};
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / G;
-      const int64_t grp = ng - n * G;
-      const scalar_t* in_g = input + n * HWi * C + grp * gc;
-      acc_t* gi_g = grad_input_acc + n * HWi * C + grp * gc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t g0 = (task - n * blocks) * block;
+      const int64_t g1 = std::min(G, g0 + block);
+      const int64_t count = (g1 - g0) * P;
       for (int64_t rem = 0; rem < HWo; ++rem) {
         const int64_t pix = n * HWo + rem;
         const int64_t ho = rem / g.W_out;
         const int64_t wo = rem - ho * g.W_out;
-        const int64_t pg = pix * G + grp;
+        const int64_t q0 = (pix * G + g0) * P;  // first (group, point) entry of this task in offset/mask
         const acc_t base_x = static_cast<acc_t>(wo * g.stride_w - g.pad_w + c_w);
         const acc_t base_y = static_cast<acc_t>(ho * g.stride_h - g.pad_h + c_h);
-        sample_points<scalar_t, acc_t, false>(P, kx.data(), ky.data(), base_x, base_y, s, offset + pg * P * 2,
+        sample_points<scalar_t, acc_t, false>(count, kx.data(), ky.data(), base_x, base_y, s, offset + q0 * 2,
                                               nullptr, g.H_in, g.W_in, t);
-        const scalar_t* go_src = grad_output + pix * C + grp * gc;
-        const acc_t* go_acc;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          go_acc = go_src;  // already in the accumulation type
-        } else {
-          for (int64_t c = 0; c < gc; ++c) go[c] = static_cast<acc_t>(go_src[c]);
-          go_acc = go;
+        const scalar_t* mask_t = mask + q0;
+        scalar_t* goff_t = grad_offset + q0 * 2;
+        scalar_t* gmask_t = grad_mask + q0;
+        for (int64_t grp = g0; grp < g1; ++grp) {
+          const scalar_t* in_g = input + n * HWi * C + grp * gc;
+          acc_t* gi_g = grad_input_acc + n * HWi * C + grp * gc;
+          const scalar_t* go_src = grad_output + pix * C + grp * gc;
+          const acc_t* go_acc;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            go_acc = go_src;  // already in the accumulation type
+          } else {
+            for (int64_t c = 0; c < gc; ++c) go[c] = static_cast<acc_t>(go_src[c]);
+            go_acc = go;
+          }
+          for (int64_t q = (grp - g0) * P; q < (grp - g0 + 1) * P; ++q) {
+            const int32_t f = t.flags[q];
+            if (f == 0) {
+              if (batched) {
+                acc_t* lanes = rows.data() + 3 * q * L;
+                for (int i = 0; i < 3 * L; ++i) lanes[i] = acc_t(0);
+              }
+              continue;
+            }
+            const acc_t m = static_cast<acc_t>(mask_t[q]);
+            const scalar_t* v[4];
+            acc_t* gi[4];
+            corner_rows(f, t.cell[q], in_g, C, WC, outside, v);
+            corner_rows(f, t.cell[q], gi_g, C, WC, sinks, gi);
+            if (batched) {
+              // Lane-folded terms into `rows`; all channel sums of the task are reduced at once below.
+              backward_point_lanes<scalar_t, acc_t, GC>(go_acc, v[0], v[1], v[2], v[3], gi[0], gi[1], gi[2], gi[3],
+                                                        m, t.lx[q], t.ly[q], rows.data() + 3 * q * L, gc);
+            } else {
+              acc_t psums[3];
+              backward_point<scalar_t, acc_t>(go_acc, v[0], v[1], v[2], v[3], gi[0], gi[1], gi[2], gi[3], m,
+                                              t.lx[q], t.ly[q], terms, gc, psums);
+              sums_to_grads(psums[0], psums[1], psums[2], s * m, gmask_t + q, goff_t + 2 * q);
+            }
+          }
         }
-        const scalar_t* mask_pg = mask + pg * P;
-        scalar_t* goff_pg = grad_offset + pg * P * 2;
-        scalar_t* gmask_pg = grad_mask + pg * P;
         if (batched) {
-          // Per point: lane-folded terms into `rows`; then all 3P channel sums at once.
-          for (int64_t p = 0; p < P; ++p) {
-            const int32_t f = t.flags[p];
-            acc_t* lanes = rows.data() + 3 * p * L;
-            if (f == 0) {
-              for (int i = 0; i < 3 * L; ++i) lanes[i] = acc_t(0);
-              continue;
-            }
-            const scalar_t* v[4];
-            acc_t* gi[4];
-            corner_rows(f, t.cell[p], in_g, C, WC, outside, v);
-            corner_rows(f, t.cell[p], gi_g, C, WC, sinks, gi);
-            backward_point_lanes<scalar_t, acc_t, GC>(go_acc, v[0], v[1], v[2], v[3], gi[0], gi[1], gi[2], gi[3],
-                                                      static_cast<acc_t>(mask_pg[p]), t.lx[p], t.ly[p], lanes, gc);
-          }
           reduce_rows(rows.data(), n_rows, sums.data());
-          // grad_mask = sum_c grad_out * sample; grad_offset = s * m * sum_c grad_out * d(sample)/d(x|y).
-          for (int64_t p = 0; p < P; ++p) {
-            const bool sampled = t.flags[p] != 0;
-            const acc_t sm = s * static_cast<acc_t>(mask_pg[p]);
-            gmask_pg[p] = static_cast<scalar_t>(sampled ? sums[3 * p] : acc_t(0));
-            goff_pg[2 * p] = static_cast<scalar_t>(sampled ? sm * sums[3 * p + 1] : acc_t(0));
-            goff_pg[2 * p + 1] = static_cast<scalar_t>(sampled ? sm * sums[3 * p + 2] : acc_t(0));
+          for (int64_t q = 0; q < count; ++q) {
+            const acc_t sm = s * static_cast<acc_t>(mask_t[q]);
+            sums_to_grads(sums[3 * q], sums[3 * q + 1], sums[3 * q + 2], sm, gmask_t + q, goff_t + 2 * q);
           }
-        } else {
-          for (int64_t p = 0; p < P; ++p) {
-            const int32_t f = t.flags[p];
-            if (f == 0) {
-              gmask_pg[p] = scalar_t(0);
-              goff_pg[2 * p] = scalar_t(0);
-              goff_pg[2 * p + 1] = scalar_t(0);
-              continue;
-            }
-            const acc_t m = static_cast<acc_t>(mask_pg[p]);
-            const scalar_t* v[4];
-            acc_t* gi[4];
-            corner_rows(f, t.cell[p], in_g, C, WC, outside, v);
-            corner_rows(f, t.cell[p], gi_g, C, WC, sinks, gi);
-            acc_t psums[3];
-            backward_point<scalar_t, acc_t>(go_acc, v[0], v[1], v[2], v[3], gi[0], gi[1], gi[2], gi[3], m, t.lx[p],
-                                            t.ly[p], terms, gc, psums);
-            // grad_mask = sum_c grad_out * sample; grad_offset = s * m * sum_c grad_out * d(sample)/d(x|y).
-            gmask_pg[p] = static_cast<scalar_t>(psums[0]);
-            goff_pg[2 * p] = static_cast<scalar_t>(s * m * psums[1]);
-            goff_pg[2 * p + 1] = static_cast<scalar_t>(s * m * psums[2]);
+        }
+        // Points whose sample is entirely outside the image have zero gradients.
+        for (int64_t q = 0; q < count; ++q) {
+          if (t.flags[q] == 0) {
+            gmask_t[q] = scalar_t(0);
+            goff_t[2 * q] = scalar_t(0);
+            goff_t[2 * q + 1] = scalar_t(0);
           }
         }
       }
