@@ -121,7 +121,7 @@ void kernel_displacements(const Geometry& g, int64_t repeat, std::vector<acc_t>&
 // For point q: corner mask flags[q] (bit 0: (y0, x0), 1: (y0, x0+1), 2: (y0+1, x0), 3: (y0+1, x0+1) inside the
 // image; 0 when the whole sample is zero), cell[q] = y0*W + x0 (meaningful only when flags[q] != 0), the
 // bilinear weights w0..w3 of the four corners (0 for corners outside) and the fractional parts lx, ly.
-// With WITH_MASK the weights are multiplied by the mask (forward).
+// FORWARD: the weights are multiplied by the mask and lx, ly are not needed (not written).
 template <typename acc_t>
 struct PointTable {
   std::vector<acc_t> w0, w1, w2, w3, lx, ly;
@@ -129,7 +129,7 @@ struct PointTable {
   explicit PointTable(int64_t n) : w0(n), w1(n), w2(n), w3(n), lx(n), ly(n), cell(n), flags(n) {}
 };
 
-template <typename scalar_t, typename acc_t, bool WITH_MASK>
+template <typename scalar_t, typename acc_t, bool FORWARD>
 void sample_points_impl(int64_t count, const acc_t* __restrict__ kx, const acc_t* __restrict__ ky, acc_t base_x,
                         acc_t base_y, acc_t s, const scalar_t* __restrict__ offset,
                         const scalar_t* __restrict__ mask,
@@ -157,13 +157,15 @@ void sample_points_impl(int64_t count, const acc_t* __restrict__ kx, const acc_t
     const acc_t fy1 = yf < Hm1 ? in : acc_t(0);
     const acc_t fx0 = xf >= acc_t(0) ? acc_t(1) : acc_t(0);
     const acc_t fx1 = xf < Wm1 ? acc_t(1) : acc_t(0);
-    const acc_t m = WITH_MASK ? static_cast<acc_t>(mask[q]) : acc_t(1);
+    const acc_t m = FORWARD ? static_cast<acc_t>(mask[q]) : acc_t(1);
     w0[q] = fy0 * fx0 * (hy * hx * m);
     w1[q] = fy0 * fx1 * (hy * lx * m);
     w2[q] = fy1 * fx0 * (ly * hx * m);
     w3[q] = fy1 * fx1 * (ly * lx * m);
-    lxs[q] = lx;
-    lys[q] = ly;
+    if constexpr (!FORWARD) {
+      lxs[q] = lx;
+      lys[q] = ly;
+    }
     cell[q] = static_cast<int32_t>(yf) * W32 + static_cast<int32_t>(xf);
     const acc_t fl =
         fy0 * fx0 + acc_t(2) * fy0 * fx1 + acc_t(4) * fy1 * fx0 + acc_t(8) * fy1 * fx1 + acc_t(16) * in;
@@ -171,11 +173,11 @@ void sample_points_impl(int64_t count, const acc_t* __restrict__ kx, const acc_t
   }
 }
 
-template <typename scalar_t, typename acc_t, bool WITH_MASK>
+template <typename scalar_t, typename acc_t, bool FORWARD>
 inline void sample_points(int64_t count, const acc_t* kx, const acc_t* ky, acc_t base_x, acc_t base_y, acc_t s,
                           const scalar_t* offset, const scalar_t* mask, int64_t H, int64_t W,
                           PointTable<acc_t>& t) {
-  sample_points_impl<scalar_t, acc_t, WITH_MASK>(count, kx, ky, base_x, base_y, s, offset, mask, H, W, t.w0.data(),
+  sample_points_impl<scalar_t, acc_t, FORWARD>(count, kx, ky, base_x, base_y, s, offset, mask, H, W, t.w0.data(),
                                                  t.w1.data(), t.w2.data(), t.w3.data(), t.lx.data(), t.ly.data(),
                                                  t.cell.data(), t.flags.data());
 }
