@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("shusheng.data.cli", "datasets: generate SynthDrive driving scenes (images, captions, QA, boxes, masks)"),
     "train": ("shusheng.train.cli", "train a model (classify, ...)"),
     "eval": ("shusheng.train.eval_cli", "evaluate a trained model (classify, ...)"),
+    "index": ("shusheng.retrieval_index.cli", "index image folders for text/image search (incremental, crash-safe)"),
+    "search": ("shusheng.retrieval_index.search_cli", "search an image index by text and/or image, with scores"),
 }
 
 

@@ -1,0 +1,207 @@
+"""``shusheng index`` and ``shusheng search``: build, inspect and query an image-text index from the shell.
+
+Examples::
+
+    shusheng index ~/Pictures                              # index (incrementally) into ~/Pictures/.shusheng-index
+    shusheng index ~/Pictures --embedder open_clip:ViT-B-32 --checkpoint vit_b32.safetensors --index /data/idx
+    shusheng index ~/Pictures --regions boxes.json         # {"a.jpg": [[x, y, w, h], ...]}
+    shusheng index --stats ~/Pictures
+    shusheng index --duplicates ~/Pictures --near 0.97
+    shusheng search "a red car at night" --index ~/Pictures -k 5 --threshold 0.2 --from 2023-01-01 --json
+    shusheng search --image query.jpg --glob "holidays/*"
+
+This module serves ``index``; ``shusheng.retrieval_index.search_cli`` exposes ``search`` from here. Heavy
+imports (torch, FAISS) happen inside ``run`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_INDEX_DIRNAME = ".shusheng-index"  # = index.DEFAULT_INDEX_DIRNAME (not imported: keeps --help light)
+
+
+def resolve_index_path(path: str | os.PathLike | None) -> Path:
+    """An index folder from a user path: the index itself, or a collection folder holding ``.shusheng-index``;
+    ``None`` means the current directory."""
+    p = Path(path if path is not None else ".").expanduser().absolute()
+    if (p / "meta.sqlite").is_file() or p.name == _INDEX_DIRNAME:
+        return p
+    if (p / _INDEX_DIRNAME).is_dir():
+        return p / _INDEX_DIRNAME
+    return p
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+# ---------------------------------------------------------------------------------------------------- index
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Index the images below FOLDER for text and image search. Re-running only embeds new "
+                          "or changed files and drops deleted ones; a killed run resumes where it stopped.")
+    parser.add_argument("folder", nargs="?", help="folder of images to index (recursively)")
+    parser.add_argument("--index", metavar="PATH", help="index folder (default FOLDER/.shusheng-index)")
+    parser.add_argument("--embedder", metavar="NAME",
+                        help="shusheng-mini-clip (default for a new index), open_clip:<arch>, or a registered name; "
+                             "default for an existing index: the one it was built with")
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="local weights (required for open_clip models: nothing is downloaded)")
+    parser.add_argument("--device", help="torch device for the embedder (default cuda if available, else cpu)")
+    parser.add_argument("--regions", metavar="FILE.json",
+                        help="boxes to index as regions: {\"path\": [[x, y, w, h], ...]} (paths relative to FOLDER)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per embedder call (32)")
+    parser.add_argument("--commit-every", type=int, default=256, metavar="N",
+                        help="commit after N changed files (256): the most a crash can lose")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="skip images larger than N pixels (default 64 million)")
+    parser.add_argument("--include-hidden", action="store_true", help="also index dot-files and dot-folders")
+    parser.add_argument("--stats", metavar="PATH", help="print the statistics of an index and exit")
+    parser.add_argument("--duplicates", metavar="PATH", help="list duplicate images of an index and exit")
+    parser.add_argument("--near", type=float, default=None, metavar="T",
+                        help="with --duplicates: also near-duplicates with cosine >= T (e.g. 0.97)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from shusheng.retrieval_index.index import Index
+
+    with Index.open(resolve_index_path(args.stats)) as index:
+        stats = index.stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    rows = [
+        ("index", stats["path"]),
+        ("files", stats["files"]),
+        ("entries", f"{stats['entries']} ({stats['image_entries']} images, {stats['region_entries']} regions)"),
+        ("embedder", f"{stats['embedder']} (dim {stats['dim']})"),
+        ("index type", stats["index_type"] + (f", nprobe {stats['nprobe']}" if stats["nprobe"] else " (exact)")),
+        ("size on disk", _fmt_bytes(stats["size_on_disk_bytes"])),
+        ("last commit", f"{stats['last_commit'] or 'never'} (generation {stats['generation']})"),
+        ("folders", ", ".join(stats["roots"]) or "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _run_duplicates(args: argparse.Namespace) -> int:
+    from shusheng.retrieval_index.index import Index
+
+    with Index.open(resolve_index_path(args.duplicates)) as index:
+        groups = index.duplicates(near=args.near)
+    if args.json:
+        _print_json([g.to_dict() for g in groups])
+        return 0
+    if not groups:
+        print("no duplicates")
+    for g in groups:
+        label = "exact" if g.kind == "exact" else f"near (cosine >= {g.score:.3f})"
+        print(f"{label}:")
+        for p in g.paths:
+            print(f"  {p}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from shusheng.retrieval_index.index import RetrievalIndexError
+
+    try:
+        if args.stats:
+            return _run_stats(args)
+        if args.duplicates:
+            return _run_duplicates(args)
+        if not args.folder:
+            logger.error("nothing to do: give FOLDER to index, or --stats PATH / --duplicates PATH")
+            return 2
+        return _run_index(args)
+    except (RetrievalIndexError, FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+        logger.error("%s", e)
+        return 1
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from shusheng.data.images import DEFAULT_MAX_PIXELS
+    from shusheng.retrieval_index.ingest import index_folder
+
+    report = index_folder(
+        args.folder, args.index, args.embedder, checkpoint=args.checkpoint, device=args.device,
+        regions=args.regions, batch_size=args.batch_size, commit_every=args.commit_every,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, include_hidden=args.include_hidden,
+        progress=not args.quiet and not args.json)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(f"{report.index_path}: {report.summary()}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- search
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Search an index by text, by image, or both; prints the best matches with their cosine "
+                          "scores (region matches with their box).")
+    parser.add_argument("text", nargs="?", help="query text")
+    parser.add_argument("--image", metavar="FILE", help="query image (with TEXT too: the sum of both queries)")
+    parser.add_argument("-k", type=int, default=10, help="number of results (10)")
+    parser.add_argument("--index", metavar="PATH",
+                        help="index folder, or a folder holding .shusheng-index (default: the current directory)")
+    parser.add_argument("--threshold", type=float, default=None, metavar="T", help="drop results scoring below T")
+    parser.add_argument("--glob", metavar="PAT", help="keep paths matching PAT (e.g. '*/2023/*' or 'holidays/*')")
+    parser.add_argument("--from", dest="date_from", metavar="DATE", help="taken on or after DATE (YYYY-MM-DD)")
+    parser.add_argument("--to", dest="date_to", metavar="DATE", help="taken on or before DATE (YYYY-MM-DD)")
+    parser.add_argument("--no-regions", action="store_true", help="match whole images only")
+    parser.add_argument("--every-region", action="store_true",
+                        help="list each matching region separately (default: one result per image)")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (approximate indexes)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="embedder weights, if moved since indexing")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list of {path, score, box, entry_id, width, height, date}")
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from shusheng.retrieval_index.index import Index, RetrievalIndexError
+
+    if args.text is None and args.image is None:
+        logger.error("give a query TEXT, --image FILE, or both")
+        return 2
+    try:
+        with Index.open(resolve_index_path(args.index)) as index:
+            embedder = None
+            if args.checkpoint:
+                from shusheng.retrieval_index.embedders import create_embedder
+
+                embedder = create_embedder(index.embedder_name, checkpoint=args.checkpoint)
+            hits = index.search(args.text, args.image, k=args.k, threshold=args.threshold, folder_glob=args.glob,
+                                date_from=args.date_from, date_to=args.date_to, regions=not args.no_regions,
+                                group_by_image=not args.every_region, nprobe=args.nprobe, embedder=embedder)
+    except (RetrievalIndexError, FileNotFoundError, ValueError, ImportError) as e:
+        logger.error("%s", e)
+        return 1
+    if args.json:
+        _print_json([h.to_dict() for h in hits])
+        return 0
+    if not hits:
+        print("no results" + (f" scoring >= {args.threshold}" if args.threshold is not None else ""))
+    for h in hits:
+        box = f"  box={list(h.box)}" if h.box is not None else ""
+        print(f"{h.score:.4f}  {h.path}{box}  {h.date[:10]}")
+    return 0

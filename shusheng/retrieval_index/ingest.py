@@ -1,0 +1,624 @@
+"""Folder ingest: index every image below a folder, embedding only what is new or changed.
+
+:func:`index_folder` scans the folder, and for each image file:
+
+1. same size and mtime as indexed -> unchanged (nothing read);
+2. otherwise its bytes are hashed (BLAKE2b): same hash as indexed -> unchanged (only the mtime is updated);
+   same hash as *another* indexed file (renamed, moved or copied) -> its vectors are copied, nothing embedded;
+3. otherwise it is decoded by :func:`shusheng.data.load_image` (in a thread pool, overlapping the embedder)
+   and embedded with its region crops.
+
+Indexed files no longer found under the folder are removed at the end. Bad files (corrupt, truncated, empty,
+not images, decompression bombs, too large, symlink loops, unreadable) are skipped and listed in the
+:class:`IngestReport`; a file that was indexed before and is now unreadable keeps its old entries. Changes are
+committed every ``commit_every`` files, so a killed run loses at most that much work and the next run resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shusheng.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image
+from shusheng.retrieval_index.index import (
+    DEFAULT_INDEX_DIRNAME,
+    EMBEDDER_FILE,
+    Box,
+    EmbedderMismatchError,
+    FileRecord,
+    Index,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from shusheng.retrieval_index.embedders import Embedder
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONTEXT_PAD", "EMBED_MIN_SIDE", "IngestReport", "PreparedImage", "clip_box", "crop_with_context",
+    "index_folder", "load_regions", "prepare_file", "scan_folder",
+]
+
+#: Images are downscaled (never upscaled) so that their shorter side is this many pixels before embedding:
+#: every embedder resizes to ~224 px anyway, and it bounds the memory of queued batches.
+EMBED_MIN_SIDE = 448
+#: Region crops include this fraction of the box's width/height as context on each side.
+CONTEXT_PAD = 0.1
+_EXIF_IFD, _DATETIME_ORIGINAL, _DATETIME = 0x8769, 36867, 306
+
+Detector = Callable[["Image.Image"], Sequence[Sequence[float]]]
+
+
+@dataclass
+class IngestReport:
+    """What one :func:`index_folder` run did.
+
+    Attributes:
+        added: files new to the index. updated: files whose content (or regions) changed and were re-embedded.
+        unchanged: files left as they were. removed: indexed files no longer in the folder.
+        reused: added/updated files whose vectors were copied from an identical indexed file (renames, copies).
+        embedded: images run through the embedder. regions: region crops run through the embedder.
+        skipped: ``(path, reason)`` for every file, folder or region box that could not be used.
+    """
+
+    index_path: str = ""
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    reused: int = 0
+    embedded: int = 0
+    regions: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        return d
+
+    def summary(self) -> str:
+        text = (f"{self.added} added, {self.updated} updated, {self.unchanged} unchanged, {self.removed} removed "
+                f"({self.embedded} images + {self.regions} regions embedded, {self.reused} reused from identical "
+                f"files) in {self.seconds:.1f} s")
+        if self.skipped:
+            text += f"; {len(self.skipped)} skipped:\n" + "\n".join(f"  {p}: {r}" for p, r in self.skipped)
+        return text
+
+
+@dataclass
+class PreparedImage:
+    """A decoded file, ready to embed: metadata, the downscaled image and its region crops."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    digest: str
+    date: str
+    date_source: str
+    width: int
+    height: int
+    image: Image.Image
+    boxes: list[Box] = field(default_factory=list)
+    crops: list[Image.Image] = field(default_factory=list)
+    invalid_boxes: list[str] = field(default_factory=list)
+    full: Image.Image | None = None  # full-resolution image, kept only when a detector must see it
+
+
+def file_digest(data: bytes) -> str:
+    """Content hash of a file's bytes (BLAKE2b, 160 bits, hex)."""
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def _iso_from_mtime(mtime_ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
+
+
+def exif_date(img: Image.Image) -> str | None:
+    """EXIF DateTimeOriginal (else DateTime) as ``YYYY-MM-DDTHH:MM:SS``, or ``None``."""
+    try:
+        exif = img.getexif()
+        raw = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
+    except (OSError, ValueError, TypeError, KeyError, SyntaxError) as e:  # malformed EXIF blocks
+        logger.debug("unreadable EXIF: %s", e)
+        return None
+    if not isinstance(raw, str):
+        return None
+    try:
+        parsed = time.strptime(raw.strip().rstrip("\x00")[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", parsed)
+
+
+def clip_box(box: Sequence[float], width: int, height: int) -> tuple[Box | None, str]:
+    """``[x, y, w, h]`` clipped to the image, as ints; ``(None, reason)`` when invalid or outside."""
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return None, f"region {box!r} is not [x, y, w, h]"
+    if not (w > 0 and h > 0):
+        return None, f"region {list(box)} has no area"
+    x0, y0 = max(0, round(x)), max(0, round(y))
+    x1, y1 = min(width, round(x + w)), min(height, round(y + h))
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None, f"region {list(box)} lies outside the {width}x{height} image"
+    return (x0, y0, x1 - x0, y1 - y0), ""
+
+
+def crop_with_context(img: Image.Image, box: Box, pad: float = CONTEXT_PAD) -> Image.Image:
+    """The crop of ``box`` grown by ``pad`` of its size on each side (clipped to the image)."""
+    x, y, w, h = box
+    px, py = round(w * pad), round(h * pad)
+    return img.crop((max(0, x - px), max(0, y - py), min(img.width, x + w + px), min(img.height, y + h + py)))
+
+
+def _downscale(img: Image.Image, min_side: int = EMBED_MIN_SIDE) -> Image.Image:
+    from PIL import Image as PILImage
+
+    scale = min_side / min(img.size)
+    if scale >= 1:
+        return img
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, PILImage.Resampling.BICUBIC, reducing_gap=2.0)
+
+
+def read_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes and stat of a regular file (raises ``OSError``)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read(), st
+
+
+def prepare_file(path: str, boxes: Sequence[Sequence[float]] | None = None, *, data: bytes | None = None,
+                 st: os.stat_result | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 keep_full: bool = False) -> PreparedImage:
+    """Reads (unless ``data`` is given), hashes, decodes and crops one file. Thread-safe.
+
+    Raises:
+        ImageLoadError: not a usable image. OSError: unreadable.
+    """
+    if data is None:
+        data, st = read_file(path)
+    img = load_image(data, max_pixels=max_pixels)  # bytes: the file is read once, for hash and pixels
+    mtime_ns = st.st_mtime_ns if st is not None else time.time_ns()
+    date = exif_date(img)
+    prepared = PreparedImage(
+        path=path, size=len(data), mtime_ns=mtime_ns, digest=file_digest(data),
+        date=date or _iso_from_mtime(mtime_ns), date_source="exif" if date else "mtime",
+        width=img.width, height=img.height, image=_downscale(img), full=img if keep_full else None)
+    for box in boxes or ():
+        clipped, reason = clip_box(box, img.width, img.height)
+        if clipped is None:
+            prepared.invalid_boxes.append(reason)
+            continue
+        prepared.boxes.append(clipped)
+        prepared.crops.append(_downscale(crop_with_context(img, clipped)))
+    return prepared
+
+
+def load_regions(regions: Mapping[str, Any] | str | os.PathLike | None, root: str | os.PathLike
+                 ) -> dict[str, list[list[float]]]:
+    """Normalises a region spec to ``{absolute path: [[x, y, w, h], ...]}``.
+
+    ``regions`` is a mapping or a JSON file holding one: keys are image paths (relative ones are relative to
+    ``root``), values lists of ``[x, y, w, h]`` boxes or of ``{"box": [x, y, w, h], ...}`` objects.
+    """
+    if regions is None:
+        return {}
+    if isinstance(regions, (str, os.PathLike)):
+        try:
+            regions = json.loads(Path(regions).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the regions file {os.fspath(regions)!r}: {e}") from e
+    if not isinstance(regions, Mapping):
+        raise ValueError("regions must map image paths to lists of [x, y, w, h] boxes")
+    out: dict[str, list[list[float]]] = {}
+    for key, boxes in regions.items():
+        path = os.path.abspath(os.path.join(os.fspath(root), os.path.expanduser(str(key))))
+        if not isinstance(boxes, list):
+            raise ValueError(f"regions of {key!r} must be a list of boxes")
+        out[path] = [b["box"] if isinstance(b, Mapping) else b for b in boxes]
+    return out
+
+
+def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (), include_hidden: bool = False
+                ) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """Image files below ``root`` (by extension, sorted), following symlinks without looping.
+
+    Returns:
+        ``(files, skipped, unlisted)``: absolute file paths; ``(path, reason)`` for symlink loops and folders that
+        cannot be listed; the folders that could not be listed (their indexed files must not be dropped).
+    """
+    root = os.path.abspath(root)
+    skip_real = {os.path.realpath(p) for p in skip}
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    unlisted: list[str] = []
+    st = os.stat(root)
+    visited = {(st.st_dev, st.st_ino)}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((folder, f"cannot list folder ({e.strerror or e})"))
+            unlisted.append(folder)
+            continue
+        subdirs = []
+        for entry in entries:
+            if not include_hidden and entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError as e:
+                reason = "symlink loop" if e.errno == errno.ELOOP else f"cannot stat ({e.strerror or e})"
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS or e.errno != errno.ELOOP:
+                    skipped.append((entry.path, reason))
+                continue
+            if is_dir:
+                try:
+                    dst = os.stat(entry.path)
+                except OSError as e:
+                    skipped.append((entry.path, f"cannot stat ({e.strerror or e})"))
+                    continue
+                key = (dst.st_dev, dst.st_ino)
+                if key in visited:
+                    if entry.is_symlink():
+                        skipped.append((entry.path, "symlink loop (points to a folder already scanned)"))
+                    continue
+                visited.add(key)
+                if os.path.realpath(entry.path) not in skip_real:
+                    subdirs.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(entry.path)
+        stack.extend(reversed(subdirs))
+    return sorted(files), skipped, unlisted
+
+
+def _stat_reason(path: str, e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    if e.errno == errno.ENOENT:
+        return "broken symlink" if os.path.islink(path) else "file vanished during the scan"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"unreadable ({e.strerror or e})"
+
+
+def _detector_name(detector: Detector | None) -> str | None:
+    if detector is None:
+        return None
+    return (getattr(detector, "name", None) or getattr(detector, "__qualname__", None)
+            or type(detector).__qualname__)
+
+
+def _embedder_key(name: str) -> str:
+    from shusheng.retrieval_index.embedders import _EMBEDDERS, _OPEN_CLIP_PREFIX
+
+    return name if name in _EMBEDDERS or name.startswith(_OPEN_CLIP_PREFIX) else _OPEN_CLIP_PREFIX + name
+
+
+def resolve_embedder(embedder: Embedder | str | None, index_path: Path, checkpoint: str | os.PathLike | None,
+                     device: str | None) -> tuple[Embedder, str | os.PathLike | None]:
+    """The embedder for an ingest: the given object, a name, or the one recorded in an existing index.
+
+    A name that differs from the recorded one fails before any model is loaded.
+    """
+    from shusheng.retrieval_index.embedders import DEFAULT_EMBEDDER, create_embedder
+
+    recorded = None
+    if (index_path / EMBEDDER_FILE).is_file():
+        recorded = json.loads((index_path / EMBEDDER_FILE).read_text())
+    if embedder is None or isinstance(embedder, str):
+        name = embedder or (recorded["name"] if recorded else DEFAULT_EMBEDDER)
+        if recorded is not None and _embedder_key(name) != recorded["name"]:
+            raise EmbedderMismatchError(
+                f"index {os.fspath(index_path)!r} was built with embedder {recorded['name']!r}, not {name!r}; "
+                f"vectors of different embedders cannot be mixed. Use --embedder {recorded['name']} "
+                "or a new --index path.")
+        if checkpoint is None and recorded is not None:
+            checkpoint = recorded.get("checkpoint")
+        return create_embedder(name, checkpoint=checkpoint, device=device), checkpoint
+    return embedder, checkpoint
+
+
+@dataclass
+class _Job:
+    path: str
+    kind: str  # "full": (re)embed the file; "regions": only its user and/or detector regions
+    future: Future
+    record: FileRecord | None
+    user_boxes: list | None  # boxes to (re)embed as user regions; None: keep the stored ones
+    run_detector: bool
+    digest: str | None = None
+
+
+class _Ingest:
+    """State of one ingest run: the pending jobs, the decode pool, the report."""
+
+    def __init__(self, index: Index, embedder: Embedder, report: IngestReport, *, region_spec: dict,
+                 detector: Detector | None, batch_size: int, commit_every: int, max_pixels: int | None,
+                 workers: int):
+        self.index, self.embedder, self.report = index, embedder, report
+        self.region_spec, self.detector, self.detector_name = region_spec, detector, _detector_name(detector)
+        self.batch_size, self.commit_every, self.max_pixels = batch_size, commit_every, max_pixels
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shusheng-decode")
+        self.batch: list[_Job] = []
+        self.queue: deque[list[_Job]] = deque()
+        self.changes = 0
+        self.pending_digests: set[str] = set()  # contents queued for embedding in this run
+        self.failed_digests: dict[str, str] = {}  # content -> why it could not be indexed
+        self.deferred: list[tuple[str, os.stat_result, str, FileRecord | None]] = []  # copies of pending contents
+
+    # one file -----------------------------------------------------------
+    def process(self, path: str) -> None:
+        index, report = self.index, self.report
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            report.skipped.append((path, _stat_reason(path, e)))
+            return
+        if not stat.S_ISREG(st.st_mode):
+            report.skipped.append((path, "not a regular file"))
+            return
+        rec = index.file_record(path)
+        spec_boxes = self.region_spec.get(path)
+        if rec is not None and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns:
+            if not self._queue_regions(rec):
+                report.unchanged += 1
+            return
+        try:
+            data, st = read_file(path)
+        except OSError as e:
+            report.skipped.append((path, _stat_reason(path, e)))
+            return
+        digest = file_digest(data)
+        if rec is not None and rec.hash == digest:  # touched, content unchanged
+            index.touch_file(rec.id, st.st_size, st.st_mtime_ns)
+            self._changed()
+            if not self._queue_regions(rec):
+                report.unchanged += 1
+            return
+        if data and digest in self.pending_digests:  # a copy of a file queued in this run: copy it afterwards
+            self.deferred.append((path, st, digest, rec))
+            return
+        if data and self._copy_twin(path, st, digest, rec):
+            return
+        boxes = spec_boxes if spec_boxes is not None else (
+            [list(b) for b in index.boxes_of(rec.id, "user")] if rec is not None else None)
+        future = self.pool.submit(prepare_file, path, boxes, data=data, st=st, max_pixels=self.max_pixels,
+                                  keep_full=self.detector is not None)
+        self.pending_digests.add(digest)
+        self._push(_Job(path, "full", future, rec, boxes, self.detector is not None, digest))
+
+    def _copy_twin(self, path: str, st: os.stat_result, digest: str, rec: FileRecord | None) -> bool:
+        """Renamed, moved or copied file: reuses the vectors of an indexed identical file. Returns whether."""
+        index, report = self.index, self.report
+        twins = [r for r in index.files_with_hash(digest) if r.path != path]
+        if not twins:
+            return False
+        src = twins[0]
+        date = src.date if src.date_source == "exif" else _iso_from_mtime(st.st_mtime_ns)
+        fid = index.put_file(path, size=st.st_size, mtime_ns=st.st_mtime_ns, digest=digest, date=date,
+                             date_source=src.date_source, width=src.width, height=src.height,
+                             detector=src.detector)
+        index.copy_entries(src.id, fid)
+        report.reused += 1
+        if rec is None:
+            report.added += 1
+        else:
+            report.updated += 1
+        self._changed()
+        self._queue_regions(index.file_record(path), count_update=False)
+        return True
+
+    def _queue_regions(self, rec: FileRecord, count_update: bool = True) -> bool:
+        """Queues re-embedding of regions that differ from the stored ones. Returns whether it queued."""
+        spec_boxes = self.region_spec.get(rec.path)
+        user = None
+        if spec_boxes is not None:
+            wanted = [clip_box(b, rec.width, rec.height)[0] for b in spec_boxes]
+            if [b for b in wanted if b is not None] != self.index.boxes_of(rec.id, "user") or None in wanted:
+                user = spec_boxes
+        run_det = self.detector is not None and rec.detector != self.detector_name
+        if user is None and not run_det:
+            return False
+        future = self.pool.submit(prepare_file, rec.path, user, max_pixels=self.max_pixels, keep_full=run_det)
+        self._push(_Job(rec.path, "regions", future, rec, user, run_det))
+        if count_update:
+            self.report.updated += 1
+        return True
+
+    def _changed(self, n: int = 1) -> None:
+        self.changes += n
+        if self.changes >= self.commit_every:
+            self.index.commit(write_vectors=False)
+            self.changes = 0
+
+    # batches ---------------------------------------------------------------
+    def _push(self, job: _Job) -> None:
+        self.batch.append(job)
+        if len(self.batch) >= self.batch_size:
+            self.queue.append(self.batch)
+            self.batch = []
+        while len(self.queue) > 1:  # keep one batch decoding while the previous one is embedded
+            self._embed(self.queue.popleft())
+
+    def finish(self) -> None:
+        for _ in range(2):  # the second round embeds regions queued by deferred copies
+            if self.batch:
+                self.queue.append(self.batch)
+                self.batch = []
+            while self.queue:
+                self._embed(self.queue.popleft())
+            deferred, self.deferred = self.deferred, []
+            for path, st, digest, rec in deferred:
+                if not self._copy_twin(path, st, digest, rec):
+                    reason = self.failed_digests.get(digest, "its identical copy could not be indexed")
+                    self.report.skipped.append((path, reason))
+        self.pool.shutdown()
+
+    def _detect(self, job: _Job, prepared: PreparedImage) -> tuple[list[Box], list]:
+        try:
+            raw = self.detector(prepared.full)
+        except Exception as e:  # noqa: BLE001 - a user-supplied detector failing on one image must not end the run
+            self.report.skipped.append((job.path, f"detector failed ({type(e).__name__}: {e})"))
+            return [], []
+        boxes, crops = [], []
+        for box in raw:
+            clipped, _ = clip_box(box, prepared.width, prepared.height)
+            if clipped is not None:
+                boxes.append(clipped)
+                crops.append(_downscale(crop_with_context(prepared.full, clipped)))
+        return boxes, crops
+
+    def _embed(self, jobs: list[_Job]) -> None:
+        ready = []
+        for job in jobs:
+            try:
+                prepared = job.future.result()
+            except (ImageLoadError, OSError) as e:
+                reason = e.reason if isinstance(e, ImageLoadError) else _stat_reason(job.path, e)
+                self.report.skipped.append((job.path, reason))
+                if job.kind == "regions":
+                    self.report.updated -= 1
+                elif job.digest is not None:
+                    self.failed_digests[job.digest] = reason
+                continue
+            for reason in prepared.invalid_boxes:
+                self.report.skipped.append((job.path, reason))
+            det_boxes, det_crops = self._detect(job, prepared) if job.run_detector else ([], [])
+            prepared.full = None
+            images = ([prepared.image] if job.kind == "full" else []) + prepared.crops + det_crops
+            ready.append((job, prepared, det_boxes, images))
+        if not ready:
+            return
+        flat = [im for *_, images in ready for im in images]
+        vectors = (self.embedder.embed_images(flat, batch_size=self.batch_size) if flat
+                   else np.empty((0, self.index.dim), np.float32))
+        at = 0
+        for job, prepared, det_boxes, images in ready:
+            vecs = vectors[at:at + len(images)]
+            at += len(images)
+            self._write(job, prepared, det_boxes, vecs)
+        self._changed(len(ready))
+
+    def _write(self, job: _Job, p: PreparedImage, det_boxes: list[Box], vecs) -> None:
+        index, report = self.index, self.report
+        n_user = len(p.boxes) if job.user_boxes is not None else 0
+        if job.kind == "full":
+            fid = index.put_file(p.path, size=p.size, mtime_ns=p.mtime_ns, digest=p.digest, date=p.date,
+                                 date_source=p.date_source, width=p.width, height=p.height,
+                                 detector=self.detector_name if job.run_detector else None)
+            boxes = [None, *p.boxes, *det_boxes]
+            sources = ["image"] + ["user"] * len(p.boxes) + ["detector"] * len(det_boxes)
+            index.add_entries(fid, vecs, boxes, sources)
+            report.embedded += 1
+            report.regions += len(boxes) - 1
+            if job.record is None:
+                report.added += 1
+            else:
+                report.updated += 1
+            return
+        rec = job.record
+        if job.user_boxes is not None:
+            index.remove_entries(rec.id, "user")
+            index.add_entries(rec.id, vecs[:n_user], p.boxes, "user")
+        if job.run_detector:
+            index.remove_entries(rec.id, "detector")
+            index.add_entries(rec.id, vecs[n_user:], det_boxes, "detector")
+            index.set_detector(rec.id, self.detector_name)
+        report.regions += len(vecs)
+
+
+def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None = None,
+                 embedder: Embedder | str | None = None, *, checkpoint: str | os.PathLike | None = None,
+                 device: str | None = None, regions: Mapping[str, Any] | str | os.PathLike | None = None,
+                 detector: Detector | None = None, batch_size: int = 32, commit_every: int = 256,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, include_hidden: bool = False,
+                 progress: bool = True, workers: int | None = None) -> IngestReport:
+    """Indexes (or incrementally re-indexes) every image below ``folder``.
+
+    Args:
+        folder: the collection's root folder (scanned recursively, symlinks followed without loops).
+        index_path: the index folder; default ``folder/.shusheng-index``.
+        embedder: an :class:`~shusheng.retrieval_index.embedders.Embedder`, a registered name, or ``None``
+            for the embedder recorded in an existing index (``"shusheng-mini-clip"`` for a new one).
+        checkpoint, device: passed to :func:`~shusheng.retrieval_index.embedders.create_embedder` for a name.
+        regions: boxes to index as region entries: ``{path: [[x, y, w, h], ...]}`` or a JSON file of that
+            mapping (paths relative to ``folder`` or absolute; pixels of the upright image). Files not listed
+            keep the boxes stored before.
+        detector: optional ``callable(PIL.Image) -> [[x, y, w, h], ...]`` run on new and changed files (and
+            once on files indexed without it); its boxes become region entries.
+        batch_size: images per embedder call.
+        commit_every: commit after this many changed files (what a crash can lose at most).
+        max_pixels: larger images are skipped (decompression-bomb guard of ``load_image``).
+        include_hidden: also index files and folders whose names start with ``.``.
+        progress: tqdm progress bar over files.
+        workers: decode threads (default ``min(4, cpu_count)``).
+
+    Returns:
+        The :class:`IngestReport` of the run.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: ``folder`` is missing or not a folder.
+        IndexLockedError: another process is writing the index.
+        EmbedderMismatchError: the index was built with another embedder.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    root = Path(folder).expanduser().absolute()
+    if not root.exists():
+        raise FileNotFoundError(f"folder {os.fspath(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{os.fspath(root)!r} is not a folder")
+    index_path = Path(index_path).expanduser().absolute() if index_path else root / DEFAULT_INDEX_DIRNAME
+    embedder, checkpoint = resolve_embedder(embedder, index_path, checkpoint, device)
+    region_spec = load_regions(regions, root)
+    report = IngestReport(index_path=os.fspath(index_path))
+    workers = workers or min(4, os.cpu_count() or 1)
+    with Index.open(index_path, create=True, embedder=embedder, checkpoint=checkpoint) as index:
+        files, scan_skipped, unlisted = scan_folder(root, skip=[index_path], include_hidden=include_hidden)
+        report.skipped.extend(scan_skipped)
+        run = _Ingest(index, embedder, report, region_spec=region_spec, detector=detector, batch_size=batch_size,
+                      commit_every=commit_every, max_pixels=max_pixels, workers=workers)
+        try:
+            for path in tqdm(files, desc="indexing", unit="file", disable=not progress):
+                run.process(path)
+            run.finish()
+        finally:
+            run.pool.shutdown(cancel_futures=True)
+        found = set(files)
+        for path in sorted(set(region_spec) - found):
+            report.skipped.append((path, "regions given for a file that is not an image in the folder"))
+        keep_prefixes = tuple(os.path.join(d, "") for d in unlisted)
+        for path in index.paths_under(root):
+            if path not in found and not path.startswith(keep_prefixes):
+                index.remove(path)
+                report.removed += 1
+        index.set_root(root)
+        index.commit(write_vectors=True)
+    report.seconds = time.perf_counter() - t0
+    logger.info("indexed %s into %s: %s", root, index_path, report.summary())
+    return report
