@@ -11,10 +11,12 @@
 // Bilinear interpolation of the four neighbours with zeros outside; the whole sample is 0 when
 // y <= -1 || x <= -1 || y >= H_in || x >= W_in.
 //
-// Forward is parallel over output pixels; per (pixel, group) the gc channels are accumulated in a small
-// opmath buffer (float for half/bfloat16). Backward is parallel over (n, group) pairs: each pair owns the
-// channel slice of its image in grad_input (so the bilinear scatter needs no atomics) and its own
-// grad_offset/grad_mask entries, which are computed in the same pass over the output.
+// Forward is parallel over output pixels: the sampling geometry of all G*P points of a pixel is computed in
+// one vectorised pass, then each group's gc channels are accumulated in registers (opmath: float for
+// bfloat16). Backward is parallel over (image, block of groups) tasks: a task owns the channel slices of its
+// groups in grad_input (so the bilinear scatter needs no atomics) and its grad_offset/grad_mask entries, which
+// are computed in the same pass over grad_output; their channel sums are reduced for many points at once.
+// float16 runs the float32 kernels on float32 copies (same results; scalar float16 conversions are slow).
 // Built by shusheng/ops/dcnv3_cpu.py with -O3 -march=native -fopenmp.
 
 // Narrow ATen headers instead of <ATen/ATen.h> / <torch/extension.h>: the first-use compile is much shorter.
