@@ -50,7 +50,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     Checking ``cpu`` compiles its kernel on first call (cached between runs).
     """
     dev = torch.device(device if device is not None else "cpu")
-    names = [n for n in ("triton", "cpu") if _backend_module(n).is_available(dev)]
+    # on CPU tensors triton only runs in its (slow) interpreter, so the C++ kernel comes first there
+    order = ("triton", "cpu") if dev.type == "cuda" else ("cpu", "triton")
+    names = [n for n in order if _backend_module(n).is_available(dev)]
     return names + ["reference"]
 
 
