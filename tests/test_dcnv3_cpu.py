@@ -50,6 +50,9 @@ CASES = [
     (2, 8, 7, 4, 32, 3, 3, 2, 2, 1, 1, 1, 1, 1.0, True, 1.0),
     (1, 13, 10, 2, 16, 5, 5, 1, 1, 4, 4, 2, 2, 2.0, False, 1.0),
     (1, 8, 9, 6, 3, 5, 3, 2, 1, 2, 1, 1, 1, 0.5, True, 2.0),
+    # wide groups: several channel chunks plus a tail
+    (1, 5, 6, 2, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1.0, False, 1.0),
+    (2, 4, 5, 1, 72, 3, 3, 1, 1, 1, 1, 1, 1, 1.0, True, 1.0),
     # samples far outside the image (whole samples zero, partial corners at the borders)
     (2, 6, 7, 2, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1.0, False, 20.0),
     (1, 5, 6, 3, 5, 3, 3, 1, 1, 1, 1, 1, 1, 2.0, True, 50.0),
@@ -108,7 +111,8 @@ def test_float64_matches_reference(case):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[8], CASES[13], CASES[22]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[8], CASES[13], CASES[22], CASES[23], CASES[24]],
+                         ids=_case_id)
 def test_float32_matches_reference(case):
     tensors, grad_out, params = _inputs(case, torch.float32, seed=1)
     got = _run(dcnv3_core, tensors, grad_out, params, backend="cpu")
@@ -119,7 +123,7 @@ def test_float32_matches_reference(case):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[9], CASES[12], CASES[23]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[1], CASES[9], CASES[12], CASES[25]], ids=_case_id)
 def test_low_precision_matches_float64_reference(case, dtype, tol):
     tensors, grad_out, params = _inputs(case, dtype, seed=2, integer_safe=True)
     got = _run(dcnv3_core, tensors, grad_out, params, backend="cpu")

@@ -207,46 +207,67 @@ inline void corner_rows(int32_t flags, int32_t cell, T* base, int64_t C, int64_t
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-// acc[0:gc] += sum_k w_k * v_k[0:gc].
-template <typename scalar_t, typename acc_t, int GC>
+// Channels of a group are accumulated in chunks of at most kChunk (four 512-bit registers).
+template <typename acc_t>
+constexpr int kChunk = 256 / static_cast<int>(sizeof(acc_t));
+
+// acc[0:W] += sum_k w_k * v_k[0:W] (W = width when known at compile time, else 0).
+template <typename scalar_t, typename acc_t, int W>
 inline void accumulate_corners(acc_t* __restrict__ acc, const scalar_t* __restrict__ v0,
                                const scalar_t* __restrict__ v1, const scalar_t* __restrict__ v2,
                                const scalar_t* __restrict__ v3, acc_t w0, acc_t w1, acc_t w2, acc_t w3,
-                               int64_t gc_rt) {
-  if constexpr (GC > 0) {
-    for (int c = 0; c < GC; ++c) {
+                               int64_t width_rt) {
+  if constexpr (W > 0) {
+    for (int c = 0; c < W; ++c) {
       acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
                 w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
     }
   } else {
-#pragma omp simd
-    for (int64_t c = 0; c < gc_rt; ++c) {
+    for (int64_t c = 0; c < width_rt; ++c) {
       acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
                 w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
     }
   }
 }
 
-// Output channels of one (pixel, group): sum over the group's points q in [q_begin, q_end) of the mask-weighted
-// bilinear sample. With a compile-time gc the accumulator lives in registers.
-template <typename scalar_t, typename acc_t, int GC>
-inline void forward_group(const PointTable<acc_t>& t, int64_t q_begin, int64_t q_end, const scalar_t* in_g,
-                          int64_t C, int64_t WC, const scalar_t* const (&outside)[4], acc_t* acc_buf,
-                          int64_t gc_rt, scalar_t* out_g) {
-  constexpr int LOCAL = GC > 0 ? GC : 1;
-  acc_t acc_local[LOCAL];
-  acc_t* acc = GC > 0 ? acc_local : acc_buf;
-  const int64_t gc = GC > 0 ? GC : gc_rt;
-  for (int64_t c = 0; c < gc; ++c) acc[c] = acc_t(0);
+// Channels [0, W) of one (pixel, group) (W = width when known at compile time, else 0 and width <= kChunk):
+// the sum over the group's points q in [q_begin, q_end) of the mask-weighted bilinear sample. The accumulator
+// is a local array the compiler keeps in registers.
+template <typename scalar_t, typename acc_t, int W>
+inline void forward_channels(const PointTable<acc_t>& t, int64_t q_begin, int64_t q_end, const scalar_t* in_g,
+                             int64_t C, int64_t WC, const scalar_t* zeros, int64_t width_rt, scalar_t* out_g) {
+  constexpr int LOCAL = W > 0 ? W : kChunk<acc_t>;
+  const int64_t width = W > 0 ? W : width_rt;
+  const scalar_t* const outside[4] = {zeros, zeros, zeros, zeros};
+  acc_t acc[LOCAL];
+  for (int c = 0; c < LOCAL; ++c) acc[c] = acc_t(0);
   for (int64_t q = q_begin; q < q_end; ++q) {
     const int32_t f = t.flags[q];
     if (f == 0) continue;
     const scalar_t* rows[4];
     corner_rows(f, t.cell[q], in_g, C, WC, outside, rows);
-    accumulate_corners<scalar_t, acc_t, GC>(acc, rows[0], rows[1], rows[2], rows[3], t.w0[q], t.w1[q], t.w2[q],
-                                            t.w3[q], gc);
+    accumulate_corners<scalar_t, acc_t, W>(acc, rows[0], rows[1], rows[2], rows[3], t.w0[q], t.w1[q], t.w2[q],
+                                           t.w3[q], width);
   }
-  for (int64_t c = 0; c < gc; ++c) out_g[c] = static_cast<scalar_t>(acc[c]);
+  for (int64_t c = 0; c < width; ++c) out_g[c] = static_cast<scalar_t>(acc[c]);
+}
+
+// Output channels of one (pixel, group): compile-time width GC, or runtime gc in chunks of kChunk channels.
+template <typename scalar_t, typename acc_t, int GC>
+inline void forward_group(const PointTable<acc_t>& t, int64_t q_begin, int64_t q_end, const scalar_t* in_g,
+                          int64_t C, int64_t WC, const scalar_t* zeros, int64_t gc, scalar_t* out_g) {
+  if constexpr (GC > 0) {
+    forward_channels<scalar_t, acc_t, GC>(t, q_begin, q_end, in_g, C, WC, zeros, GC, out_g);
+  } else {
+    constexpr int CH = kChunk<acc_t>;
+    int64_t c0 = 0;
+    for (; c0 + CH <= gc; c0 += CH) {
+      forward_channels<scalar_t, acc_t, CH>(t, q_begin, q_end, in_g + c0, C, WC, zeros + c0, CH, out_g + c0);
+    }
+    if (c0 < gc) {
+      forward_channels<scalar_t, acc_t, 0>(t, q_begin, q_end, in_g + c0, C, WC, zeros + c0, gc - c0, out_g + c0);
+    }
+  }
 }
 
 template <typename scalar_t, int GC>
@@ -268,9 +289,7 @@ void forward_impl(const Geometry& g, const scalar_t* input, const scalar_t* offs
 
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     PointTable<acc_t> t(GP);
-    std::vector<acc_t> acc_buf(gc);
-    const std::vector<scalar_t> zeros(gc, scalar_t(0));
-    const scalar_t* const outside[4] = {zeros.data(), zeros.data(), zeros.data(), zeros.data()};
+    const std::vector<scalar_t> zeros(gc, scalar_t(0));  // the input row of corners outside the image
     for (int64_t pix = begin; pix < end; ++pix) {
       const int64_t n = pix / HWo;
       const int64_t rem = pix - n * HWo;
@@ -283,8 +302,8 @@ void forward_impl(const Geometry& g, const scalar_t* input, const scalar_t* offs
       const scalar_t* in_n = input + n * g.H_in * g.W_in * C;
       scalar_t* out_pix = output + pix * C;
       for (int64_t grp = 0; grp < G; ++grp) {
-        forward_group<scalar_t, acc_t, GC>(t, grp * P, (grp + 1) * P, in_n + grp * gc, C, WC, outside,
-                                           acc_buf.data(), gc, out_pix + grp * gc);
+        forward_group<scalar_t, acc_t, GC>(t, grp * P, (grp + 1) * P, in_n + grp * gc, C, WC, zeros.data(), gc,
+                                           out_pix + grp * gc);
       }
     }
   });
