@@ -656,3 +656,20 @@ def test_switch_to_ivf_and_back(tmp_path, monkeypatch):
             idx.remove(f"/virtual/{i}.png")
         idx.commit()
         assert idx.spec.exact and idx.ntotal == 199
+
+
+def test_several_folders_share_one_index(tmp_path):
+    """Re-indexing one folder never drops the files of another (not even one whose name differs in case)."""
+    upper, lower = tmp_path / "Pics", tmp_path / "pics"
+    _solid(upper / "a.png", "red")
+    _solid(lower / "b.png", "blue")
+    emb = ColorEmbedder()
+    index_folder(upper, tmp_path / "idx", emb, progress=False)
+    r = index_folder(lower, tmp_path / "idx", emb, progress=False)
+    assert (r.added, r.removed) == (1, 0)
+    (lower / "b.png").unlink()
+    r = index_folder(lower, tmp_path / "idx", emb, progress=False)
+    assert r.removed == 1
+    assert _index_paths(tmp_path / "idx") == [str(upper / "a.png")]
+    with Index.open(tmp_path / "idx") as idx:
+        assert idx.stats()["roots"] == sorted([str(upper), str(lower)])

@@ -69,6 +69,8 @@ META_FILE, VECTORS_FILE, COMMIT_FILE, EMBEDDER_FILE, LOCK_FILE = (
 
 #: Below this many entries search is exact (flat inner product); at or above it an IVF index is trained.
 FLAT_MAX_ENTRIES = 50_000
+#: IVF training sample: this many vectors per list (k-means; faiss warns below 39).
+TRAIN_PER_LIST = 40
 #: Retrain the IVF partition when the ideal number of lists is this many times the trained one (or 1/this).
 RETRAIN_FACTOR = 4
 _SCHEMA = """
@@ -512,7 +514,7 @@ class Index:
         index = faiss.index_factory(self.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             rng = np.random.default_rng(0)
-            n_train = min(len(vecs), 64 * spec.nlist)
+            n_train = min(len(vecs), TRAIN_PER_LIST * spec.nlist)
             sample = vecs[np.sort(rng.choice(len(vecs), n_train, replace=False))] if n_train < len(vecs) else vecs
             t0 = time.perf_counter()
             index.train(sample)
@@ -628,7 +630,8 @@ class Index:
         """Indexed paths inside ``folder`` (recursively)."""
         prefix = os.path.join(os.path.abspath(folder), "")
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        return [r[0] for r in self._conn.execute("SELECT path FROM files WHERE path LIKE ? ESCAPE '\\'", (like,))]
+        rows = self._conn.execute("SELECT path FROM files WHERE path LIKE ? ESCAPE '\\'", (like,))
+        return [r[0] for r in rows if r[0].startswith(prefix)]  # LIKE ignores ASCII case
 
     def boxes_of(self, file_id: int, source: str) -> list[Box]:
         rows = self._conn.execute("SELECT x, y, w, h FROM entries WHERE file_id=? AND source=? ORDER BY id",
@@ -892,8 +895,9 @@ class Index:
                 return []
             searchable = self._searchable()
             kwargs = {}
-            if nprobe is not None and not self.spec.exact:
+            if nprobe is not None and not self.spec.exact:  # per-call parameters: on the CPU index
                 kwargs["params"] = _faiss().SearchParametersIVF(nprobe=int(nprobe))
+                searchable = self._faiss_index
             fetch = min(ntotal, max(4 * k, k + 32))
             while True:
                 scores, ids = searchable.search(q[None, :], fetch, **kwargs)  # (1, fetch) each
