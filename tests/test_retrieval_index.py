@@ -673,3 +673,23 @@ def test_several_folders_share_one_index(tmp_path):
     assert _index_paths(tmp_path / "idx") == [str(upper / "a.png")]
     with Index.open(tmp_path / "idx") as idx:
         assert idx.stats()["roots"] == sorted([str(upper), str(lower)])
+
+
+def test_mini_clip_checkpoint_through_the_registry(photos, tmp_path):
+    """``create_embedder("shusheng-mini-clip", checkpoint=DIR)`` loads a save_pretrained folder (a tiny random
+    model here) and it works end to end with ingest and search."""
+    miniclip = pytest.importorskip("shusheng.retrieval_index.miniclip")
+    model = miniclip.MiniClip({"channels": 8, "depths": [1, 1, 1, 1], "groups": [1, 2, 2, 4], "image_size": 32})
+    model.save_pretrained(tmp_path / "mc")
+    emb = emb_mod.create_embedder("shusheng-mini-clip", checkpoint=tmp_path / "mc", device="cpu")
+    assert isinstance(emb, emb_mod.Embedder) and (emb.name, emb.dim) == ("shusheng-mini-clip", 384)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        emb_mod.create_embedder("shusheng-mini-clip", checkpoint=tmp_path / "mc" / "config.json")
+    r = index_folder(photos, tmp_path / "idx", emb, checkpoint=tmp_path / "mc", progress=False)
+    assert r.added == 5
+    recorded = json.loads((tmp_path / "idx" / "embedder.json").read_text())
+    assert recorded["name"] == "shusheng-mini-clip" and recorded["checkpoint"] == str(tmp_path / "mc")
+    with Index.open(tmp_path / "idx", embedder=emb) as idx:
+        assert idx.search(image=photos / "blue.png", k=1)[0].path.endswith("blue.png")
+        hits = idx.search(text="a yellow car", k=5)
+        assert len(hits) == 5 and all(-1.0 <= h.score <= 1.0 for h in hits)

@@ -129,15 +129,11 @@ def _shusheng_mini_clip(checkpoint: str | os.PathLike | None = None, device: str
     from shusheng.retrieval_index import miniclip
 
     if checkpoint is None:
-        embedder = miniclip.load_bundled()
-    else:
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"shusheng-mini-clip checkpoint {os.fspath(checkpoint)!r} is not a folder "
-                                    "(expected a save_pretrained directory with config.json + model.safetensors)")
-        embedder = miniclip.MiniClip.from_pretrained(checkpoint)
-    if device is not None and hasattr(embedder, "to"):
-        embedder = embedder.to(device) or embedder
-    return embedder
+        return miniclip.load_bundled(device=device)
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"shusheng-mini-clip checkpoint {os.fspath(checkpoint)!r} is not a folder "
+                                "(expected a save_pretrained directory with config.json + model.safetensors)")
+    return miniclip.MiniClip.from_pretrained(checkpoint, device=device)
 
 
 def _resolve_open_clip_checkpoint(arch: str, checkpoint: str | os.PathLike | None) -> Path:
