@@ -31,6 +31,7 @@ from shusheng.retrieval_index.index import (
     Index,
     IndexLockedError,
     IndexNotFoundError,
+    RetrievalIndexError,
     choose_index_spec,
 )
 from shusheng.retrieval_index.ingest import index_folder, scan_folder
@@ -336,6 +337,11 @@ def test_index_api_add_remove_update(tmp_path):
             idx.add(tmp_path / "bad.png")
     with pytest.raises(IndexNotFoundError, match="no index"):
         Index.open(tmp_path / "nowhere")
+    (tmp_path / "idx" / "meta.sqlite").write_bytes(b"this is not an sqlite database, just damaged bytes" * 40)
+    for name in ("meta.sqlite-wal", "meta.sqlite-shm"):
+        (tmp_path / "idx" / name).unlink(missing_ok=True)
+    with pytest.raises(RetrievalIndexError, match="cannot read the index metadata"):
+        Index.open(tmp_path / "idx")
 
 
 # ------------------------------------------------------------------------------------------------ duplicates

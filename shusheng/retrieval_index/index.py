@@ -375,11 +375,16 @@ class Index:
                     f"--embedder {info['name']} for this index, or a new --index path for {name!r}."
                 )
             conn = cls._connect(path / META_FILE, write)
-            if write:
-                conn.executescript(_SCHEMA)
-                conn.execute("INSERT OR IGNORE INTO info VALUES ('generation', '0')")
-                conn.execute("INSERT OR IGNORE INTO info VALUES ('format', ?)", (str(FORMAT_VERSION),))
-            index = cls(path, conn, write, lock_fd, info)
+            try:
+                if write:
+                    conn.executescript(_SCHEMA)
+                    conn.execute("INSERT OR IGNORE INTO info VALUES ('generation', '0')")
+                    conn.execute("INSERT OR IGNORE INTO info VALUES ('format', ?)", (str(FORMAT_VERSION),))
+                index = cls(path, conn, write, lock_fd, info)
+            except sqlite3.DatabaseError as e:
+                conn.close()
+                raise RetrievalIndexError(f"cannot read the index metadata {os.fspath(path / META_FILE)!r} ({e}); "
+                                          "is the index still being created, or is the file damaged?") from e
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -857,23 +862,23 @@ class Index:
             parts.append(embedder.embed_images([load_image(image)])[0])
         return _normalise(np.sum(_normalise(np.stack(parts)), axis=0))
 
-    def search(self, text: str | None = None, image: Image.Image | str | os.PathLike | None = None, *,
-               vector: np.ndarray | None = None, k: int = 10, threshold: float | None = None,
-               folder_glob: str | None = None, date_from: DateLike | None = None, date_to: DateLike | None = None,
-               regions: bool = True, group_by_image: bool = True, nprobe: int | None = None,
+    def search(self, text: str | None = None, image: Image.Image | str | os.PathLike | None = None, k: int = 10,
+               threshold: float | None = None, folder_glob: str | None = None, date_from: DateLike | None = None,
+               date_to: DateLike | None = None, regions: bool = True, *, vector: np.ndarray | None = None,
+               group_by_image: bool = True, nprobe: int | None = None,
                embedder: Embedder | None = None) -> list[SearchHit]:
         """Text-to-image, image-to-image or text+image search.
 
         Args:
             text: query text.
             image: query image (path or PIL image). With ``text`` too, the query is the normalised sum of both.
-            vector: a ready query vector instead of ``text``/``image``.
             k: number of hits.
             threshold: drop hits whose cosine score is below it.
             folder_glob: keep paths matching this ``fnmatch`` pattern (``*`` crosses folders; a relative
                 pattern such as ``"2023/*"`` matches below any folder).
             date_from, date_to: keep pictures taken in this range (inclusive; ``YYYY-MM-DD`` covers the day).
             regions: also search region entries (boxes inside images).
+            vector: a ready query vector instead of ``text``/``image``.
             group_by_image: one hit per image — its best entry (whole image or a region, whose box is then
                 set). With ``False``, every (path, box) entry is its own hit.
             nprobe: IVF lists to visit (default the index's own); ignored by exact indexes.
