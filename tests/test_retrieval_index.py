@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -559,7 +558,7 @@ def _count_files(index_dir: Path) -> int:
     try:
         with Index.open(index_dir) as idx:
             return idx._conn.execute("SELECT count(*) FROM files").fetchone()[0]
-    except (IndexNotFoundError, sqlite3.Error):  # not created yet, or the writer is creating the schema
+    except IndexNotFoundError:  # not created yet (embedder.json is written last, once the schema exists)
         return 0
 
 

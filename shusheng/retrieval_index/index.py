@@ -361,9 +361,15 @@ class Index:
             path.mkdir(parents=True, exist_ok=True)
             lock_fd = cls._acquire_lock(path)
         try:
-            if not exists and not ((path / META_FILE).is_file() and (path / EMBEDDER_FILE).is_file()):
+            if not ((path / META_FILE).is_file() and (path / EMBEDDER_FILE).is_file()):
+                # create: the schema first and embedder.json last, so readers never see a half-made index
                 if name is None or dim is None:
                     raise ValueError("creating an index needs the embedder (or embedder_name and dim)")
+                conn = cls._connect(path / META_FILE, write=True)
+                try:
+                    cls._init_schema(conn)
+                finally:
+                    conn.close()
                 info = {"name": name, "dim": dim, "checkpoint": os.fspath(checkpoint) if checkpoint else None,
                         "format": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 _atomic_write(path / EMBEDDER_FILE, json.dumps(info, indent=2).encode())
@@ -377,9 +383,7 @@ class Index:
             conn = cls._connect(path / META_FILE, write)
             try:
                 if write:
-                    conn.executescript(_SCHEMA)
-                    conn.execute("INSERT OR IGNORE INTO info VALUES ('generation', '0')")
-                    conn.execute("INSERT OR IGNORE INTO info VALUES ('format', ?)", (str(FORMAT_VERSION),))
+                    cls._init_schema(conn)
                 index = cls(path, conn, write, lock_fd, info)
             except sqlite3.DatabaseError as e:
                 conn.close()
@@ -392,6 +396,12 @@ class Index:
         if embedder is not None:
             index._embedder = embedder
         return index
+
+    @staticmethod
+    def _init_schema(conn: sqlite3.Connection) -> None:
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO info VALUES ('generation', '0')")
+        conn.execute("INSERT OR IGNORE INTO info VALUES ('format', ?)", (str(FORMAT_VERSION),))
 
     @staticmethod
     def _connect(db: Path, write: bool) -> sqlite3.Connection:
