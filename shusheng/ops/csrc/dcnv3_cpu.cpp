@@ -99,6 +99,10 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& offset, const 
   return g;
 }
 
+// Smallest amount of work, in (sampling point, channel) pairs, worth a parallel region per thread: below it
+// the wake-up of the thread pool costs more than it saves.
+constexpr int64_t kMinParallelWork = 32768;
+
 // Fixed (dx, dy) displacement of every point relative to the kernel centre, in point order, repeated for
 // `repeat` groups (entry g*P + p); not scaled: the caller adds the learned offset and multiplies the sum by
 // offset_scale.
@@ -284,8 +288,8 @@ void forward_impl(const Geometry& g, const scalar_t* input, const scalar_t* offs
   const int64_t c_h = g.dilation_h * (g.kernel_h - 1) / 2;
   const int64_t HWo = g.H_out * g.W_out;
   const int64_t total = g.N * HWo;
-  // About 4k multiply-adds per grain keeps the scheduling overhead negligible.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, GP * gc));
+  // Go parallel only with at least kMinParallelWork (point, channel) pairs per thread (~10 us).
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, GP * gc));
 
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     PointTable<acc_t> t(GP);
@@ -499,7 +503,11 @@ void backward_impl(const Geometry& g, const scalar_t* grad_output, const scalar_
   // Rows of lane-folded terms (3 per point), padded with zero rows to a multiple of L for reduce_rows.
   const int64_t n_rows = (3 * BP + L - 1) / L * L;
 
-  at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = g.N * blocks;
+  const int64_t work_per_task = HWo * block * P * gc;  // (point, channel) pairs
+  const int64_t task_grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_task));
+
+  at::parallel_for(0, tasks, task_grain, [&](int64_t begin, int64_t end) {
     PointTable<acc_t> t(BP);
     std::vector<acc_t> rows(batched ? n_rows * L : 0, acc_t(0));
     std::vector<acc_t> sums(batched ? n_rows : 0, acc_t(0));
