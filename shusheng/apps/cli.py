@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("shusheng.train.eval_cli", "evaluate a trained model (classify, ...)"),
     "index": ("shusheng.retrieval_index.cli", "index image folders for text/image search (incremental, crash-safe)"),
     "search": ("shusheng.retrieval_index.search_cli", "search an image index by text and/or image, with scores"),
+    "demo": ("shusheng.apps.demo", "launch the Gradio app (image-text search) on a sample collection at 127.0.0.1"),
 }
 
 

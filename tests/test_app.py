@@ -1,0 +1,283 @@
+"""shusheng.apps.gradio_app: the Search tab's backend, its error messages, and the app over HTTP (gradio_client).
+
+Uses a deterministic palette embedder (a test double defined here) and a few tiny generated images.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+gr = pytest.importorskip("gradio")
+pytest.importorskip("faiss")
+
+from shusheng.apps import gradio_app  # noqa: E402
+from shusheng.apps.gradio_app import BOX_COLOR, SearchApp, UserInputError, build_demo  # noqa: E402
+from shusheng.retrieval_index import Index, index_folder  # noqa: E402
+
+PALETTE = {"red": (230, 20, 20), "green": (20, 170, 40), "blue": (20, 40, 230), "yellow": (240, 220, 30),
+           "white": (250, 250, 250), "black": (10, 10, 10), "orange": (250, 140, 10), "purple": (130, 20, 170)}
+
+
+class PaletteEmbedder:
+    """Test double: an image's vector is the fraction of its pixels nearest to each palette colour; a text's
+    vector is the indicator of the palette colours it names. Both L2-normalised, so a solid red picture and
+    the text "red" have cosine 1."""
+
+    dim = len(PALETTE)
+
+    def __init__(self, name: str = "test-palette"):
+        self.name = name
+        self._centres = np.array(list(PALETTE.values()), np.float32)
+
+    def embed_images(self, images, batch_size=32, progress=False):
+        from shusheng.data import load_image
+
+        out = np.zeros((len(images), self.dim), np.float32)
+        for i, im in enumerate(images):
+            px = np.asarray(load_image(im), np.float32).reshape(-1, 3)
+            nearest = ((px[:, None, :] - self._centres[None]) ** 2).sum(-1).argmin(1)
+            out[i] = np.bincount(nearest, minlength=self.dim)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def embed_texts(self, texts, batch_size=64):
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for j, word in enumerate(PALETTE):
+                out[i, j] = float(word in t.lower())
+            if not out[i].any():
+                out[i] = 1.0  # no colour named: equally close to everything
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def solid(color: str, size=(48, 40)) -> Image.Image:
+    return Image.new("RGB", size, PALETTE[color])
+
+
+RED_BOX = (8, 6, 20, 16)  # x, y, w, h of the red patch inside blue_with_red.png (64 x 48)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("collection")
+    (root / "sub").mkdir()
+    solid("red").save(root / "red.png")
+    solid("green").save(root / "green.png")
+    solid("yellow").save(root / "sub" / "yellow.png")
+    solid("red", (30, 30)).save(root / "sub" / "red_small.png")
+    img = solid("blue", (64, 48))
+    x, y, w, h = RED_BOX
+    img.paste(solid("red", (w, h)), (x, y))
+    img.save(root / "blue_with_red.png")
+    (root / "broken.png").write_bytes(b"not a png at all")
+    report = index_folder(root, embedder=PaletteEmbedder(), regions={"blue_with_red.png": [list(RED_BOX)]},
+                          progress=False, workers=1)
+    assert report.added == 5 and len(report.skipped) == 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(collection) -> SearchApp:
+    app = SearchApp(collection, PaletteEmbedder())
+    yield app
+    app.close()
+
+
+def _fn(demo, api_name: str):
+    for block_fn in demo.fns.values():
+        if block_fn.api_name == api_name:
+            return block_fn.fn
+    raise AssertionError(f"no event with api_name {api_name!r}")
+
+
+def test_build_demo_builds(collection):
+    demo = build_demo(collection, PaletteEmbedder(), examples=["red", "a yellow one"], extra_tabs=False)
+    assert isinstance(demo, gr.Blocks)
+    assert isinstance(demo.search_app, SearchApp)
+    assert demo.search_app.folder == os.fspath(collection)
+    assert {"search", "index_folder"} <= {f.api_name for f in demo.fns.values()}
+    assert "5 images + 1 regions" in demo.search_app.describe()
+
+
+def test_search_returns_scored_gallery_items(app):
+    result = app.search("red", k=3)
+    assert len(result.items) == 3 and not result.warnings
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True)
+    picture, caption = result.items[0]
+    assert isinstance(picture, Image.Image)
+    assert caption.startswith("score 1.00 · ") and caption.split(" · ")[1] in {"red.png", "sub/red_small.png"}
+    assert "3 results" in result.status and "“red”" in result.status
+    # pictures are scaled up for display: the longer side is at least DISPLAY_MIN_SIDE
+    assert max(picture.size) >= gradio_app.DISPLAY_MIN_SIDE
+
+
+def test_region_hit_is_drawn_with_its_box(app):
+    result = app.search("red", k=5, threshold=0.5)
+    region = [(item, hit) for item, hit in zip(result.items, result.hits) if hit.box is not None]
+    assert len(region) == 1
+    (picture, caption), hit = region[0]
+    assert hit.path.endswith("blue_with_red.png") and hit.box == RED_BOX
+    assert "region 20×16 at (8, 6)" in caption and 0.5 < hit.score < 1.0
+    # the box outline is drawn in BOX_COLOR on the scaled picture, the inside of the patch stays red
+    s = picture.width / 64
+    px = np.asarray(picture)
+    x, y, w, h = RED_BOX
+    top_edge = px[round(y * s), round((x + w / 2) * s)]
+    assert np.abs(top_edge.astype(int) - BOX_COLOR).max() < 40
+    centre = px[round((y + h / 2) * s), round((x + w / 2) * s)]
+    assert np.abs(centre.astype(int) - PALETTE["red"]).max() < 40
+    # whole-image hits carry no box
+    assert all(hit.box is None for hit in result.hits if not hit.path.endswith("blue_with_red.png"))
+
+
+def test_image_query_threshold_and_folder_glob(app, collection):
+    result = app.search(image=os.fspath(collection / "sub" / "yellow.png"), k=2)
+    assert result.hits[0].path.endswith("yellow.png") and result.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert "the query image" in result.status
+    both = app.search("green", image=solid("yellow"), k=2)  # text + image: both pictures tie at the top
+    assert {Path(h.path).name for h in both.hits} == {"green.png", "yellow.png"}
+    only_sub = app.search("red", k=10, folder_glob="*/sub/*")
+    assert [Path(h.path).name for h in only_sub.hits] == ["red_small.png", "yellow.png"]
+    strict = app.search("red", k=10, threshold=0.99)
+    assert {Path(h.path).name for h in strict.hits} == {"red.png", "red_small.png"}
+    nothing = app.search("purple", k=5, threshold=0.9)
+    assert nothing.items == [] and "lower the score threshold" in nothing.warnings[0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(text="   "), "Type a text query or upload a query image"),
+    (dict(text="red", k=0), "between 1 and"),
+    (dict(text="red", threshold=3.0), "cosine between -1 and 1"),
+    (dict(text="x" * 5000), "too long"),
+])
+def test_bad_search_input_is_a_clear_message(app, kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        app.search(**kwargs)
+
+
+def test_ui_turns_bad_input_into_gr_error(collection, tmp_path):
+    demo = build_demo(collection, PaletteEmbedder(), extra_tabs=False)
+    search, index = _fn(demo, "search"), _fn(demo, "index_folder")
+    with pytest.raises(gr.Error) as err:
+        search("", None, 5, 0.0, "")
+    assert "Type a text query" in err.value.message
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    with pytest.raises(gr.Error) as err:
+        search("", os.fspath(not_an_image), 5, 0.0, "")
+    assert err.value.message.startswith("Cannot use the query image: not a recognised image format")
+    with pytest.raises(gr.Error) as err:
+        index(os.fspath(tmp_path / "missing"))
+    assert "does not exist" in err.value.message
+    with pytest.raises(gr.Error) as err:
+        index("")
+    assert "Enter the folder" in err.value.message
+    # a folder indexed by another embedder: refused before anything is embedded
+    other = tmp_path / "other"
+    other.mkdir()
+    solid("red").save(other / "a.png")
+    index_folder(other, embedder=PaletteEmbedder("another-embedder"), progress=False, workers=1)
+    with pytest.raises(gr.Error) as err:
+        index(os.fspath(other))
+    assert "was built with embedder 'another-embedder'" in err.value.message
+    # no index yet
+    empty = build_demo(None, PaletteEmbedder(), extra_tabs=False)
+    with pytest.raises(gr.Error) as err:
+        _fn(empty, "search")("red", None, 5, 0.0, "")
+    assert "No index yet" in err.value.message
+
+
+def test_unexpected_failure_is_one_line(collection, monkeypatch):
+    demo = build_demo(collection, PaletteEmbedder(), extra_tabs=False)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Index, "search", boom)
+    with pytest.raises(gr.Error) as err:
+        _fn(demo, "search")("red", None, 5, 0.0, "")
+    assert err.value.message == "Search failed: RuntimeError: disk on fire"
+
+
+def test_index_folder_reports_and_switches_index(tmp_path):
+    root = tmp_path / "pics"
+    root.mkdir()
+    solid("green").save(root / "g.png")
+    solid("orange").save(root / "o.png")
+    (root / "empty.jpg").write_bytes(b"")
+    demo = build_demo(None, PaletteEmbedder(), extra_tabs=False)
+    index, search = _fn(demo, "index_folder"), _fn(demo, "search")
+    report, info = index(os.fspath(root))
+    assert "**2 added**" in report and "1 skipped" in report and "`empty.jpg`:" in report
+    assert "2 images" in info
+    gallery, status = search("orange", None, 1, 0.0, "")
+    assert gallery[0][1] == "score 1.00 · o.png"
+    # incremental: a second run embeds nothing; a new file is picked up and searchable at once
+    report, _ = index(os.fspath(root))
+    assert "**0 added**" in report and "2 unchanged" in report
+    solid("purple").save(root / "p.png")
+    report, _ = index(os.fspath(root))
+    assert "**1 added**" in report
+    gallery, _ = search("purple", None, 1, 0.0, "")
+    assert gallery[0][1] == "score 1.00 · p.png"
+    demo.search_app.close()
+
+
+def _tab_labels(demo) -> list[str]:
+    return [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+
+
+def test_caption_vqa_tab_is_added_only_when_its_model_loads(collection, monkeypatch):
+    pytest.importorskip("shusheng.apps.tab_uniperceiver")
+    pipelines = pytest.importorskip("shusheng.uniperceiver.pipelines")
+
+    def no_weights(cls, path=None, device="cpu"):
+        raise FileNotFoundError("the bundled weights of 'shusheng-mini-uniperceiver' are missing")
+
+    monkeypatch.setattr(pipelines.CaptionPipeline, "from_pretrained", classmethod(no_weights))
+    assert _tab_labels(build_demo(collection, PaletteEmbedder())) == ["Search"]
+
+    class FakePipeline:
+        model = None
+
+        def __init__(self, model=None):
+            self.model = model
+
+    monkeypatch.setattr(pipelines.CaptionPipeline, "from_pretrained", classmethod(lambda cls, **kw: FakePipeline()))
+    monkeypatch.setattr(pipelines, "VQAPipeline", FakePipeline)
+    assert _tab_labels(build_demo(collection, PaletteEmbedder())) == ["Search", "Caption & VQA"]
+    assert _tab_labels(build_demo(collection, PaletteEmbedder(), extra_tabs=False)) == ["Search"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas deprecations
+def test_gradio_client_against_launched_app(collection):
+    gradio_client = pytest.importorskip("gradio_client")
+    demo = build_demo(collection, PaletteEmbedder(), extra_tabs=False)
+    demo.queue()
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        assert demo.local_url.startswith("http://127.0.0.1:")
+        client = gradio_client.Client(demo.local_url, verbose=False)
+        gallery, status = client.predict("a yellow thing", None, 3, 0.2, "", api_name="/search")
+        assert gallery and gallery[0]["caption"] == "score 1.00 · sub/yellow.png"
+        assert Path(gallery[0]["image"]).is_file()  # the picture was downloaded from the app
+        assert "result" in status
+        with pytest.raises(gradio_client.exceptions.AppError, match="Type a text query"):
+            client.predict("", None, 3, 0.2, "", api_name="/search")
+    finally:
+        demo.close()
