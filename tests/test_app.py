@@ -153,6 +153,15 @@ def test_image_query_threshold_and_folder_glob(app, collection):
     assert nothing.items == [] and "lower the score threshold" in nothing.warnings[0]
 
 
+def test_an_open_index_passed_in_stays_the_callers(collection):
+    with Index.open(collection / ".shusheng-index") as index:
+        app = SearchApp(index, PaletteEmbedder())
+        assert app.folder == os.fspath(collection)
+        assert app.search("green", k=1).items[0][1] == "score 1.00 · green.png"
+        app.close()
+        assert index.stats()["entries"] == 6  # not closed by the app
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(text="   "), "Type a text query or upload a query image"),
     (dict(text="red", k=0), "between 1 and"),
@@ -281,3 +290,48 @@ def test_gradio_client_against_launched_app(collection):
             client.predict("", None, 3, 0.2, "", api_name="/search")
     finally:
         demo.close()
+
+
+# ---------------------------------------------------------------------------------------------------- shusheng demo
+def test_demo_command_generates_indexes_launches_and_is_incremental(tmp_path, monkeypatch, caplog):
+    from shusheng.apps import demo as demo_cmd
+    from shusheng.apps.cli import main
+    from shusheng.retrieval_index import embedders as emb_mod
+
+    class Retrained(PaletteEmbedder):  # same name, other weights: the vectors of another colour order
+        def embed_images(self, images, batch_size=32, progress=False):
+            return super().embed_images(images)[:, ::-1].copy()
+
+    launched = []
+    monkeypatch.setenv("SHUSHENG_CACHE", os.fspath(tmp_path / "cache"))
+    monkeypatch.setattr(demo_cmd, "_serve_until_stopped", lambda demo: launched.append(demo.local_url))
+    monkeypatch.setitem(emb_mod._EMBEDDERS, "test-palette", lambda checkpoint=None, device=None: PaletteEmbedder())
+    argv = ["demo", "--n", "4", "--port", str(_free_port()), "--no-browser", "--embedder", "test-palette"]
+    caplog.set_level("INFO")
+
+    assert main(argv) == 0
+    folder = tmp_path / "cache" / "demo" / "synthdrive-train-n4-128px"
+    assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert launched[-1].startswith("http://127.0.0.1:")
+    assert "4 added" in caplog.text and "Shusheng demo ready" in caplog.text
+
+    caplog.clear()
+    assert main(argv) == 0  # second start: nothing generated, nothing embedded
+    assert "generating" not in caplog.text and "0 added, 0 updated, 4 unchanged" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setitem(emb_mod._EMBEDDERS, "test-palette", lambda checkpoint=None, device=None: Retrained())
+    assert main(argv) == 0  # retrained weights: the sample collection is re-indexed
+    assert "changed since" in caplog.text and "4 added" in caplog.text
+    # the region boxes a --regions run would index: vehicles at least 12 px wide and high
+    regions = demo_cmd.object_regions(folder)
+    assert regions and all(min(b[2:]) >= demo_cmd.REGION_MIN_SIDE for boxes in regions.values() for b in boxes)
+
+
+def test_demo_command_without_an_embedder_fails_clearly(tmp_path, monkeypatch, caplog):
+    from shusheng.apps.cli import main
+
+    monkeypatch.setenv("SHUSHENG_CACHE", os.fspath(tmp_path))
+    assert main(["demo", "--no-browser", "--embedder", "no-such-embedder"]) == 1
+    assert "cannot load the embedder 'no-such-embedder'" in caplog.text
+    assert not (tmp_path / "demo").exists()  # failed before generating anything

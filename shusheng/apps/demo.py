@@ -9,8 +9,9 @@ Examples::
 
 First run: renders ``--n`` SynthDrive scenes (train split, seed 0, 128 px, the embedder's training resolution)
 into the cache folder ``$SHUSHENG_CACHE/demo/`` (default ``~/.cache/shusheng/demo/``) and indexes them with the
-bundled ``shusheng-mini-clip`` embedder, with the larger vehicles of each scene (from the scenes' ground truth)
-as region entries of their own, so a query like "a red car" can return the car's box. Later runs find the scenes and the index as they were (indexing is
+bundled ``shusheng-mini-clip`` embedder (with ``--regions``, also the larger vehicles of each scene, from the
+scenes' ground-truth boxes, as region entries of their own, so that a query like "a red car" can return the
+car's box). Later runs find the scenes and the index as they were (indexing is
 incremental: nothing is embedded again) and start in seconds. If the embedder's weights changed since the index
 was built (a retrained model), the demo notices and re-indexes its sample collection.
 
@@ -67,9 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="PATH", help="local weights for the embedder (a save_pretrained "
                                                             "folder for shusheng-mini-clip, a file for open_clip)")
     parser.add_argument("--device", help="torch device (default CUDA when available, else CPU)")
-    parser.add_argument("--no-regions", action="store_true",
-                        help="do not index the vehicles of the sample scenes as regions (boxes) of their own, "
-                             "so that every hit is a whole picture")
+    parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=False,
+                        help="also index the larger vehicles of the sample scenes (their ground-truth boxes) as "
+                             "regions of their own, so that a hit can be a box inside a picture (default: off)")
 
 
 def cache_root() -> Path:
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         regions = object_regions(folder) if generated else None
-        if regions and args.no_regions:  # no boxes: drops region entries indexed by an earlier run
+        if regions and not args.regions:  # no boxes (drops region entries an earlier --regions run indexed)
             regions = {path: [] for path in regions}
         report = index_folder(folder, index_path, embedder=embedder, checkpoint=args.checkpoint, regions=regions,
                               progress=True)

@@ -173,7 +173,9 @@ class SearchApp:
         self._given = embedder if embedder is not None and not isinstance(embedder, str) else None
         self._embedder_name: str | None = embedder if isinstance(embedder, str) else getattr(embedder, "name", None)
         self.index_path: str | None = None
+        self._callers_index = None  # an Index passed in stays the caller's to close
         if index is not None and not isinstance(index, (str, os.PathLike)):  # an open Index
+            self._callers_index = index
             self.index_path = os.fspath(index.path)
             self._readers[self.index_path] = (index, index.generation)
         elif index is not None:
@@ -385,7 +387,8 @@ class SearchApp:
         """Closes the index readers this app opened (not an :class:`Index` passed in by the caller)."""
         with self._lock:
             for reader, _ in self._readers.values():
-                reader.close()
+                if reader is not self._callers_index:
+                    reader.close()
             self._readers.clear()
 
 
