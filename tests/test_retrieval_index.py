@@ -698,3 +698,25 @@ def test_mini_clip_checkpoint_through_the_registry(photos, tmp_path):
         assert idx.search(image=photos / "blue.png", k=1)[0].path.endswith("blue.png")
         hits = idx.search(text="a yellow car", k=5)
         assert len(hits) == 5 and all(-1.0 <= h.score <= 1.0 for h in hits)
+
+
+def test_unchanged_reindex_keeps_vector_file_trusted(tmp_path, caplog):
+    # a re-index that changes no vector must still leave commit.json naming the current generation, so the
+    # next reader trusts vectors.faiss instead of rebuilding it from SQLite
+    import json as _json
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, c in enumerate([(255, 0, 0), (0, 255, 0)]):
+        Image.new("RGB", (16, 16), c).save(folder / f"{i}.png")
+    idx_path = tmp_path / "idx"
+    emb = ColorEmbedder()
+    index_folder(folder, index_path=idx_path, embedder=emb)
+    index_folder(folder, index_path=idx_path, embedder=emb)
+    with Index.open(idx_path) as index:
+        marker = _json.loads((idx_path / "commit.json").read_text())
+        assert marker["generation"] == index.generation
+    with caplog.at_level("INFO"):
+        with Index.open(idx_path):
+            pass
+    assert "behind" not in caplog.text

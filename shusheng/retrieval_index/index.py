@@ -603,11 +603,15 @@ class Index:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, vec_path)
+        self._write_marker()
+        self._vectors_dirty = False
+
+    def _write_marker(self) -> None:
+        """Records that ``vectors.faiss`` holds the vectors of the current generation."""
         marker = {"generation": self.generation, "entries": int(self._faiss_index.ntotal),
                   "index": self.spec.factory, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _atomic_write(self.path / COMMIT_FILE, json.dumps(marker).encode())
         _fsync_dir(self.path)
-        self._vectors_dirty = False
 
     def _searchable(self):
         """The index to search: a GPU copy when faiss-gpu sees a GPU, else the CPU index."""
@@ -845,6 +849,8 @@ class Index:
                     self._gpu_index = None
                 if self._vectors_dirty or not (self.path / VECTORS_FILE).is_file():
                     self._save_vectors()
+                else:  # metadata-only commit: the vector file is current, only its marker must follow
+                    self._write_marker()
             return self.generation
 
     def rollback(self) -> None:
