@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("shusheng.data.cli", "datasets: generate SynthDrive driving scenes (images, captions, QA, boxes, masks)"),
     "train": ("shusheng.train.cli", "train a model (classify, ...)"),
     "eval": ("shusheng.train.eval_cli", "evaluate a trained model (classify, ...)"),
+    "caption": ("shusheng.uniperceiver.caption_cli", "caption images with the unified decoder (--json for a list)"),
+    "ask": ("shusheng.uniperceiver.ask_cli", "ask a question about images (VQA with the unified decoder)"),
     "index": ("shusheng.retrieval_index.cli", "index image folders for text/image search (incremental, crash-safe)"),
     "search": ("shusheng.retrieval_index.search_cli", "search an image index by text and/or image, with scores"),
     "demo": ("shusheng.apps.demo", "launch the Gradio app (image-text search) on a sample collection at 127.0.0.1"),

@@ -8,6 +8,7 @@ import importlib
 # task -> (module, add-arguments function, run function, help)
 TRAIN_TASKS = {
     "classify": ("shusheng.train.classify", "add_train_arguments", "_run_train", "image classification on an ImageFolder"),
+    "uniperceiver": ("shusheng.train.uniperceiver", "add_train_arguments", "_run_train", "unified decoder (caption, VQA, retrieval, classification) on SynthDrive"),
 }
 EVAL_TASKS = {
     "classify": ("shusheng.train.classify", "add_eval_arguments", "run_eval", "top-1/top-5 of a saved classifier"),

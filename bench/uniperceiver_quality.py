@@ -1,0 +1,235 @@
+"""Quality of a unified-decoder model on the fixed SynthDrive test set (seed 2023, 1000 images, 128 px).
+
+    python bench/uniperceiver_quality.py [--model DIR] [--data-dir DIR] [--n 1000] [--out bench/results]
+
+Measures, with the model's own pipelines and encoders:
+
+* VQA accuracy by answer matching, overall and per question type, on the test questions (wordings from the
+  SynthDrive template pool) and on **held-out wordings** written here, none of which is in that pool (checked
+  below by enumerating the pool);
+* VQA accuracy by open generation (exact match of the generated answer), overall;
+* captioning (beam search): CIDEr-D and BLEU-4 against the 5 reference captions of each image;
+* zero-shot attribute classification (time, weather, traffic light, sign) by matching class-name texts;
+* image-text retrieval with the same encoder: image->text R@1/R@5 (any of the image's 5 captions) and
+  text->image R@1/R@5 (5000 caption queries).
+
+Prints a markdown table and writes ``uniperceiver_quality.json`` / ``.md``. Default model: the bundled
+``shusheng-mini-uniperceiver``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_info, reexec_with_bench_env, write_results  # noqa: E402
+
+# Hand-written wordings, absent from the SynthDrive template pool; {vtype} is a plural vehicle noun, {color} a
+# colour. Each question of the test set is re-asked with one of these (chosen by image and question index).
+HELD_OUT: dict[str, list[str]] = {
+    "light": ["Which colour does the signal at the junction display?", "What is the traffic light lit as?",
+              "Tell me the signal's current colour, please.", "Is the stop light showing red, amber or green now?"],
+    "sign": ["What does the roadside signboard show?", "Which traffic sign is posted here?",
+             "Can you read the road sign for me?", "What kind of signage stands next to the street?"],
+    "vehicle_count": ["How many vehicles are on the road in total?", "What's the total number of vehicles you notice?",
+                      "Tell me how many vehicles there are."],
+    "vehicle_count_typed": ["How many {vtype} can be seen?", "What's the number of {vtype} here?",
+                            "Count how many {vtype} are visible."],
+    "vehicle_colors": ["Which paint colours can you see on the vehicles?", "What colours are the vehicles painted?",
+                       "Name every colour of vehicle present."],
+    "has_color": ["Do any of the vehicles have {color} paint?", "Is a {color} vehicle anywhere to be seen?",
+                  "Any {color} vehicles around?"],
+    "pedestrians": ["Are any people walking here?", "Is there a person on foot anywhere?",
+                    "Do you notice anyone walking?"],
+    "pedestrian_location": ["Are the walkers on the zebra crossing or on the pavement?",
+                            "In what part of the street are people walking?",
+                            "Where exactly are the pedestrians located?"],
+    "weather": ["What are the weather conditions like today?", "Is the weather rainy, foggy or sunny?",
+                "How would you describe the weather?"],
+    "time": ["Is this scene during daytime, dusk or at night?", "What time is it, roughly?",
+             "Was this picture taken in the day or at night?"],
+    "stop": ["Do I need to brake and stop here?", "Does our vehicle have to halt now?",
+             "Is it necessary to stop the car?"],
+}
+_PLURAL = {"car": "cars", "truck": "trucks", "bus": "buses"}
+
+
+def _norm(s: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", s.lower()))
+
+
+def template_pool_cores() -> set[str]:
+    """Every core wording of the SynthDrive question pool (templates x slot fillers), normalised."""
+    import itertools
+
+    from shusheng.data import synthdrive_text as st
+    from shusheng.data.synthdrive_render import COLORS
+
+    cores = set()
+    slots = dict(st._SLOTS)
+    slots["vehicles"] = tuple(slots["vehicles"]) + tuple(w for ws in st._TYPE_PLURAL.values() for w in ws)
+    slots["color"] = tuple(COLORS)
+    for templates in st._TEMPLATES.values():
+        for t in templates:
+            names = [n for n in slots if "{" + n + "}" in t]
+            for combo in itertools.product(*(slots[n] for n in names)):
+                cores.add(_norm(t.format(**dict(zip(names, combo)))))
+    return cores
+
+
+def held_out_question(qa: dict, image_index: int, k: int) -> str:
+    t, params = qa["type"], qa.get("params") or {}
+    key = "vehicle_count_typed" if t == "vehicle_count" and params.get("vehicle_type") else t
+    options = HELD_OUT[key]
+    q = options[(image_index + k) % len(options)]
+    return q.format(vtype=_PLURAL.get(params.get("vehicle_type", ""), "vehicles"), color=params.get("color", ""))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: bundled shusheng-mini-uniperceiver)")
+    parser.add_argument("--data-dir", default=None, help="a written copy of the test split (default: render it)")
+    parser.add_argument("--n", type=int, default=1000, help="test images (the fixed set has 1000)")
+    parser.add_argument("--gen-images", type=int, default=300, help="images for the open-generation VQA score")
+    parser.add_argument("--beams", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    reexec_with_bench_env()
+
+    import json
+
+    import numpy as np
+    import torch
+
+    from shusheng.data import load_image
+    from shusheng.data import synthdrive as sd
+    from shusheng.train.uniperceiver import ATTRIBUTE_CLASSES
+    from shusheng.uniperceiver.decoding import generate
+    from shusheng.uniperceiver.metrics import bleu4, cider_d
+    from shusheng.uniperceiver.pipelines import CaptionPipeline, load_images
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    pool = template_pool_cores()
+    leaked = [q for qs in HELD_OUT.values() for q in qs if _norm(q.format(vtype="cars", color="red")) in pool]
+    if leaked:
+        raise SystemExit(f"held-out wordings found in the template pool: {leaked}")
+
+    pipe = CaptionPipeline.from_pretrained(args.model)
+    model = pipe.model
+    cfg = model.config
+
+    # 1. the fixed test set
+    if args.data_dir:
+        recs = [json.loads(x) for x in Path(args.data_dir, "annotations.jsonl").read_text().splitlines()][:args.n]
+        pils = [load_image(Path(args.data_dir) / r["file"]) for r in recs]
+    else:
+        ds = sd.synthdrive_split("test", n=args.n)
+        recs, pils = [], []
+        for i in range(len(ds)):
+            img, ann = sd.sample(ds.split_seed, i, sd.TEST_IMAGE_SIZE)
+            pils.append(img)
+            recs.append({"attributes": ann.attributes, "captions": ann.captions, "qa": ann.qa})
+    n = len(recs)
+    x, _ = load_images(pils, cfg.image_size, cfg.image_mean, cfg.image_std)
+    bs = args.batch_size
+    rows, meta = [], {**machine_info(), "n_images": n, "model": str(args.model or "bundled")}
+
+    with torch.inference_mode():
+        tokens = torch.cat([model.image_tokens(x[i:i + bs]) for i in range(0, n, bs)])  # (n, N, D)
+        answers = list(cfg.answers)
+        ans_feats = model.text_features(answers)
+        vocab = model.vocab_features()
+
+        # 2. VQA by matching: template wordings and held-out wordings
+        def vqa_acc(question_of) -> tuple[float, dict[str, float]]:
+            hits: dict[str, list[bool]] = defaultdict(list)
+            items = [(i, k, qa) for i, r in enumerate(recs) for k, qa in enumerate(r["qa"])]
+            for s in range(0, len(items), 4 * bs):
+                chunk = items[s:s + 4 * bs]
+                idx = torch.tensor([i for i, _, _ in chunk])
+                p = model.vqa_match(None, [question_of(qa, i, k) for i, k, qa in chunk], image_tokens=tokens[idx],
+                                    answer_features=ans_feats)
+                for (_, _, qa), j in zip(chunk, p.argmax(-1).tolist()):
+                    hits[qa["type"]].append(answers[j] == qa["answer"])
+            per = {t: float(np.mean(h)) for t, h in sorted(hits.items())}
+            return float(np.mean([v for h in hits.values() for v in h])), per
+
+        acc, per = vqa_acc(lambda qa, i, k: qa["question"])
+        acc_h, per_h = vqa_acc(held_out_question)
+        for t in per:
+            rows.append({"metric": f"VQA accuracy: {t}", "template wordings": per[t], "held-out wordings": per_h[t]})
+        rows.append({"metric": "VQA accuracy (overall, answer matching)", "template wordings": acc,
+                     "held-out wordings": acc_h})
+
+        # 3. VQA by open generation (exact match), on the first --gen-images images
+        m = min(n, args.gen_images)
+        items = [(i, k, qa) for i, r in enumerate(recs[:m]) for k, qa in enumerate(r["qa"])]
+        gen_hits, gen_hits_h = [], []
+        for s in range(0, len(items), 4 * bs):
+            chunk = items[s:s + 4 * bs]
+            idx = torch.tensor([i for i, _, _ in chunk])
+            for which, hits in (("template", gen_hits), ("held-out", gen_hits_h)):
+                qs = [qa["question"] if which == "template" else held_out_question(qa, i, k) for i, k, qa in chunk]
+                pre = model.prefix(tokens[idx], model.tokenizer.encode(qs, cfg.max_text_len // 2), spe_after_text=True)
+                g = generate(model, pre, 12, 1, "vqa", vocab_feats=vocab)
+                hits += [model.tokenizer.decode(t) == qa["answer"] for t, (_, _, qa) in zip(g.tokens, chunk)]
+        rows.append({"metric": f"VQA accuracy (overall, open generation, {m} images)",
+                     "template wordings": float(np.mean(gen_hits)), "held-out wordings": float(np.mean(gen_hits_h))})
+
+        # 4. captioning
+        caps = []
+        for i in range(0, n, bs):
+            g = generate(model, model.prefix(tokens[i:i + bs]), 40, args.beams, "caption", vocab_feats=vocab)
+            caps += [model.tokenizer.decode(t) for t in g.tokens]
+        refs = [r["captions"] for r in recs]
+        rows.append({"metric": f"caption CIDEr-D (beam {args.beams})", "template wordings": cider_d(caps, refs)})
+        rows.append({"metric": f"caption BLEU-4 (beam {args.beams})", "template wordings": bleu4(caps, refs)})
+
+        # 5. zero-shot attribute classification from class-name text
+        z_img = torch.cat([model.readout(model.prefix(tokens[i:i + bs])) for i in range(0, n, bs)])  # (n, D)
+        cls_acc = []
+        for group, mapping in ATTRIBUTE_CLASSES.items():
+            t = model.text_features([cfg.class_template.format(c) for c in mapping.values()])
+            pred = (z_img @ t.T).argmax(-1).tolist()
+            truth = [list(mapping).index(r["attributes"][group]) for r in recs]
+            a = float(np.mean([p == y for p, y in zip(pred, truth)]))
+            cls_acc.append(a)
+            rows.append({"metric": f"attribute classification: {group}", "template wordings": a})
+        rows.append({"metric": "attribute classification (mean of 4)", "template wordings": float(np.mean(cls_acc))})
+
+        # 6. retrieval with the same encoder
+        texts = [c for r in recs for c in r["captions"]]
+        owner = torch.tensor([i for i, r in enumerate(recs) for _ in r["captions"]])
+        z_txt = torch.cat([model.embed_text(texts[i:i + 4 * bs]) for i in range(0, len(texts), 4 * bs)])
+        sim = z_img @ z_txt.T  # (n, T)
+        top_t = sim.topk(5, dim=1).indices  # image -> text
+        i2t = [(owner[top_t[i]] == i).cumsum(0).clamp(max=1) for i in range(n)]
+        top_i = sim.T.topk(5, dim=1).indices  # text -> image
+        t2i = (top_i == owner[:, None]).cumsum(1).clamp(max=1).float()
+        rows.append({"metric": "retrieval image->text R@1 / R@5",
+                     "template wordings": f"{np.mean([float(v[0]) for v in i2t]):.3f} / "
+                                          f"{np.mean([float(v[4]) for v in i2t]):.3f}"})
+        rows.append({"metric": "retrieval text->image R@1 / R@5",
+                     "template wordings": f"{t2i[:, 0].mean():.3f} / {t2i[:, 4].mean():.3f}"})
+
+    meta["seconds"] = round(time.time() - t0, 1)
+    meta["example_captions"] = list(zip([r["captions"][0] for r in recs[:5]], caps[:5]))
+    md = write_results("uniperceiver_quality", rows, [("metric", "metric"), ("template wordings", "test set"),
+                                                      ("held-out wordings", "held-out wordings")], args.out, meta)
+    print(md)
+    print(f"\n{n} test images, {meta['seconds']} s")
+    for ref, hyp in meta["example_captions"]:
+        print(f"  ref: {ref}\n  hyp: {hyp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,589 @@
+"""Multi-task training of the unified decoder (captioning, VQA, retrieval, attribute classification) on SynthDrive.
+
+    shusheng data synthdrive --split train --n 10000 --out runs/uniperceiver/data/train --no-masks
+    shusheng train uniperceiver --data-dir runs/uniperceiver/data/train --output runs/uniperceiver/mini
+    python -m shusheng.train.uniperceiver ...            # same
+    accelerate launch -m shusheng.train.uniperceiver ... # several processes
+
+Every step draws one batch of images and applies every task to it, so the image tower's forward and backward
+(trained jointly from scratch) serve all four losses: captioning (two-stream layout, one of the five captions),
+VQA (``--vqa-per-image`` questions per image; matching at the question's ``<SPE>`` against the answer set plus
+open generation of the answer), image-text contrastive retrieval with in-batch negatives, and classification of
+the time / weather / light / sign attributes by matching class-name texts. The batch of step ``t`` (images,
+flips, chosen captions and questions, masked question words) depends only on ``(seed, t)``, so a run resumed
+from a checkpoint follows the uninterrupted run exactly. Checkpoints (accelerate state + progress) are written
+every ``--save-every`` steps; ``--resume auto`` continues from the newest; ``loss_curve.png`` is redrawn next to
+them. The fixed SynthDrive test split is refused as training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shusheng._deps import require
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ATTRIBUTE_CLASSES", "UniPerceiverTrainConfig", "attribute_labels", "load_synthdrive", "main",
+           "synthdrive_answers", "train"]
+
+#: attribute group -> attribute value -> class name (the text the image is matched against)
+ATTRIBUTE_CLASSES: dict[str, dict[str, str]] = {
+    "time": {"day": "daytime", "dusk": "dusk", "night": "night"},
+    "weather": {"clear": "clear weather", "rain": "rain", "fog": "fog"},
+    "light": {"red": "red traffic light", "yellow": "yellow traffic light", "green": "green traffic light",
+              "none": "no traffic light"},
+    "sign": {"stop": "stop sign", "yield": "yield sign", "speed_30": "speed limit 30 sign",
+             "speed_50": "speed limit 50 sign", "speed_80": "speed limit 80 sign", "none": "no sign"},
+}
+
+
+@dataclass
+class UniPerceiverTrainConfig:
+    """Every knob of a run; written to ``<output>/config.json``."""
+
+    data_dir: str | None = None  # a folder written by `shusheng data synthdrive`; None = render n_train images
+    n_train: int | None = None  # images used (default: all in data_dir; 10000 when rendering)
+    image_size: int = 128
+    output: str = "runs/uniperceiver"
+    # "joint": everything trained together; "tower": pre-train the image tower alone on attribute tags;
+    # "decoder": freeze the tower of a "tower" run (--tower), cache its pooled features, train the rest
+    stage: str = "joint"
+    tower: str | None = None  # output folder of a "tower" run (stage "decoder")
+    amp: str = "no"  # "bf16": bfloat16 autocast (CPU and GPU)
+    # model
+    backbone: str = "internimage_test"
+    backbone_args: dict[str, Any] = field(default_factory=lambda: {
+        "channels": 32, "depths": [2, 2, 4, 2], "groups": [2, 4, 8, 16], "mlp_ratio": 4.0, "drop_path_rate": 0.0})
+    image_grid: int = 4
+    text_init: str | None = "minilm"
+    n_layers: int = 2
+    d_model: int = 384
+    n_heads: int = 12
+    vocab_targets: str = "full"
+    max_text_len: int = 64
+    # optimisation
+    steps: int = 600
+    batch_size: int = 32
+    vqa_per_image: int = 2
+    lr: float = 1e-3  # image tower and new parameters
+    text_lr: float = 2e-4  # parameters initialised from MiniLM
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 40
+    weight_decay: float = 0.05
+    clip_grad: float = 1.0
+    w_caption: float = 1.0
+    w_vqa: float = 1.0
+    w_vqa_gen: float = 0.5
+    w_retrieval: float = 0.5
+    w_cls: float = 0.5
+    answer_pool: int = 96  # answers matched per step (the batch's + random others); 0 = all of them
+    question_drop: float = 0.1  # probability of replacing a question word by [MASK]
+    hflip: bool = True
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "auto", a checkpoint dir, or None
+    max_minutes: float | None = None  # stop (and save) after this much training time
+    # fit the run into this many minutes: after `calibration_steps` steps the total number of steps (and so the
+    # lr schedule) is fixed from the measured speed; the choice is stored in the checkpoints, resumes keep it
+    time_budget_min: float | None = None
+    calibration_steps: int = 15
+    log_every: int = 10
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------
+
+def synthdrive_answers() -> list[str]:
+    """Every canonical SynthDrive answer (the closed answer vocabulary of VQA by matching)."""
+    from shusheng.data.synthdrive_render import COLORS
+
+    colors = sorted(COLORS)
+    out = ["red", "yellow", "green", "none", "stop", "yield", "speed limit 30", "speed limit 50", "speed limit 80"]
+    out += [str(i) for i in range(6)] + ["yes", "no", "crosswalk", "sidewalk", "both", "clear", "rain", "fog",
+                                         "day", "dusk", "night"]
+    for k in range(1, 6):
+        out += [", ".join(c) for c in itertools.combinations(colors, k)]
+    return list(dict.fromkeys(out))
+
+
+def attribute_labels(attributes: dict[str, Any]) -> dict[str, int]:
+    """Class index per attribute group of ``ATTRIBUTE_CLASSES``."""
+    return {g: list(names).index(attributes[g]) for g, names in ATTRIBUTE_CLASSES.items()}
+
+
+def load_synthdrive(data_dir: str | None, n: int | None, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Training images ``(N, S, S, 3)`` uint8 and their annotation records, from a folder or rendered."""
+    from tqdm.auto import tqdm
+
+    from shusheng.data import load_image
+    from shusheng.data import synthdrive as sd
+
+    if data_dir is None:
+        n = 10_000 if n is None else n
+        images, records = np.zeros((n, size, size, 3), np.uint8), []
+        for i in tqdm(range(n), desc="render", leave=False):
+            img, ann = sd.sample(sd.TRAIN_SEED, i, size)
+            images[i] = np.asarray(img)
+            records.append({"attributes": ann.attributes, "captions": ann.captions, "qa": ann.qa})
+        return images, records
+    root = Path(data_dir)
+    ann_file = root / "annotations.jsonl"
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"{ann_file} not found: write the data with `shusheng data synthdrive --out {root}`")
+    coco = root / "coco.json"
+    if coco.is_file():
+        with open(coco, encoding="utf-8") as f:
+            info = json.load(f).get("info", {})
+        if info.get("seed") == sd.TEST_SEED:
+            raise ValueError(f"{root} is the fixed SynthDrive test split (seed {sd.TEST_SEED}); never train on it")
+    records = [json.loads(line) for line in ann_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if n is not None:
+        records = records[:n]
+    images = np.zeros((len(records), size, size, 3), np.uint8)
+    for i, r in enumerate(tqdm(records, desc="load images", leave=False)):
+        img = load_image(root / r["file"])
+        if img.size != (size, size):
+            img = img.resize((size, size), resample=3)
+        images[i] = np.asarray(img)
+    return images, records
+
+
+class StepSampler:
+    """The batch of step ``t`` as a pure function of ``(seed, t)`` (exact resume without data-loader state)."""
+
+    def __init__(self, images: np.ndarray, records: list[dict[str, Any]], cfg: UniPerceiverTrainConfig,
+                 answers: list[str]):
+        self.images, self.records, self.cfg, self.answers = images, records, cfg, answers
+        self.per_epoch = max(1, len(records) // cfg.batch_size)
+        self.with_images = True
+        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        epoch, k = divmod(step, self.per_epoch)
+        n = len(self.records)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        b = min(cfg.batch_size, n)
+        idx = perm[k * b:(k + 1) * b]
+        rng = np.random.default_rng([cfg.seed, 1_000_003, step])
+        flip = torch.from_numpy(rng.random(len(idx)) < 0.5) if cfg.hflip else torch.zeros(len(idx), dtype=torch.bool)
+        x = None
+        if self.with_images:
+            x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 255.0
+            x = (torch.where(flip[:, None, None, None], x.flip(-1), x) - self.mean) / self.std
+        recs = [self.records[i] for i in idx]
+        captions = [r["captions"][int(rng.integers(len(r["captions"])))] for r in recs]
+        retrieval = [r["captions"][int(rng.integers(len(r["captions"])))] for r in recs]
+        questions, answers = [], []
+        for r in recs:
+            pick = rng.choice(len(r["qa"]), size=min(cfg.vqa_per_image, len(r["qa"])), replace=False)
+            qs = [r["qa"][int(j)] for j in pick]
+            questions.append([self._drop(q["question"], rng) for q in qs])
+            answers.append([q["answer"] for q in qs])
+        labels: dict[str, list[int]] = {g: [] for g in ATTRIBUTE_CLASSES}
+        for r in recs:
+            for g, y in attribute_labels(r["attributes"]).items():
+                labels[g].append(y)
+        pool = self.answers
+        if cfg.answer_pool and cfg.answer_pool < len(self.answers):
+            need = list(dict.fromkeys(a for a_s in answers for a in a_s))
+            rest = [a for a in self.answers if a not in set(need)]
+            extra = rng.choice(len(rest), size=max(0, cfg.answer_pool - len(need)), replace=False)
+            pool = need + [rest[int(j)] for j in sorted(extra)]
+        return {"index": torch.from_numpy(idx), "flip": flip, "records": recs, "images": x, "captions": captions, "retrieval_texts": retrieval, "questions": questions,
+                "answers": answers, "labels": labels, "answer_candidates": pool}
+
+    def _drop(self, question: str, rng: np.random.Generator) -> str:
+        if self.cfg.question_drop <= 0:
+            return question
+        words = question.split()
+        return " ".join("[MASK]" if rng.random() < self.cfg.question_drop else w for w in words)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------
+
+def build_model(cfg: UniPerceiverTrainConfig, records: list[dict[str, Any]]):
+    """The model for a run: the generation vocabulary is every token of the training captions and answers."""
+    from shusheng.uniperceiver.model import UniPerceiver
+    from shusheng.uniperceiver.tokenizers import TextTokenizer
+
+    tok = TextTokenizer()
+    answers = synthdrive_answers()
+    seen = {q["answer"] for r in records for q in r["qa"]}
+    answers += sorted(seen - set(answers))
+    texts = [c for r in records for c in r["captions"]] + answers
+    vocab = sorted({i for ids in tok.encode(texts) for i in ids} | {tok.eos_id})
+    class_names = {g: list(m.values()) for g, m in ATTRIBUTE_CLASSES.items()}
+    return UniPerceiver(
+        dict(backbone=cfg.backbone, backbone_args=cfg.backbone_args, image_size=cfg.image_size,
+             image_grid=cfg.image_grid, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+             text_init=cfg.text_init, freeze_word_embeddings=cfg.text_init is not None,
+             vocab_targets=cfg.vocab_targets, max_text_len=cfg.max_text_len, target_vocab=vocab, answers=answers,
+             class_names=class_names, vocab_size=tok.vocab_size, norm_first=cfg.text_init is None),
+        tokenizer=tok)
+
+
+def param_groups(model, cfg: UniPerceiverTrainConfig) -> list[dict]:
+    """AdamW groups: MiniLM-initialised parameters at ``text_lr``, the rest at ``lr``; no decay on 1-D params."""
+    pretrained = ("text.position", "text.token_type", "text.norm", "encoder.layers") if cfg.text_init else ()
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = cfg.text_lr if name.startswith(pretrained) and pretrained else cfg.lr
+        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") or name.startswith("logit_scale") else cfg.weight_decay
+        groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd, "base_lr": lr})["params"].append(p)
+    return list(groups.values())
+
+
+def _lr_lambda(cfg: UniPerceiverTrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    ckpts = [p for p in (out / "checkpoints").glob("step_*") if (p / "progress.json").exists()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> None:
+    """Loss curves (total and per task, smoothed) to a PNG."""
+    matplotlib = require("matplotlib", extra="train")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    keys = [k for k in ("loss", "caption", "vqa", "vqa_gen", "retrieval", "cls", "tags") if k in history[0]]
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    w = max(1, len(history) // 50)
+    for k in keys:
+        v = np.convolve([h[k] for h in history], np.ones(w) / w, mode="valid")
+        axes[0].plot(steps[w - 1:], v, label=k)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[0].set_title("training losses")
+    for k in ("caption_acc", "vqa_acc", "tag_acc", "acc_light", "acc_sign", "acc_n_car", "acc_n_red"):
+        if k in history[0]:
+            v = np.convolve([h[k] for h in history], np.ones(w) / w, mode="valid")
+            axes[1].plot(steps[w - 1:], v, label=k)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("train accuracy")
+    axes[1].legend()
+    axes[1].set_title("accuracy on the training batches")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage "tower": the image tower alone, on attribute tags
+# --------------------------------------------------------------------------------------------------------
+
+def _tag_groups() -> list[tuple[str, int]]:
+    from shusheng.data.synthdrive_render import COLORS, VEHICLE_TYPES
+
+    groups = [("time", 3), ("weather", 3), ("light", 4), ("sign", 6), ("crosswalk", 2)]
+    groups += [(f"n_{t}", 6) for t in VEHICLE_TYPES]
+    groups += [(f"n_{c}", 4) for c in sorted(COLORS)]
+    groups += [(f"{c}_{t}", 2) for c in sorted(COLORS) for t in VEHICLE_TYPES]
+    groups += [("peds_crosswalk", 4), ("peds_sidewalk", 4)]
+    return groups
+
+
+def attribute_tags(attributes: dict[str, Any]) -> dict[str, int]:
+    """Class index of every tag group of the tower pre-training (what VQA and captions talk about)."""
+    from shusheng.data.synthdrive_render import COLORS, VEHICLE_TYPES
+
+    a = attributes
+    tags = {g: list(ATTRIBUTE_CLASSES[g]).index(a[g]) for g in ("time", "weather", "light", "sign")}
+    tags["crosswalk"] = int(bool(a["crosswalk"]))
+    vs = a["vehicles"]
+    for t in VEHICLE_TYPES:
+        tags[f"n_{t}"] = min(5, sum(v["type"] == t for v in vs))
+    for c in sorted(COLORS):
+        tags[f"n_{c}"] = min(3, sum(v["color"] == c for v in vs))
+        for t in VEHICLE_TYPES:
+            tags[f"{c}_{t}"] = int(any(v["color"] == c and v["type"] == t for v in vs))
+    tags["peds_crosswalk"] = min(3, sum(p["on_crosswalk"] for p in a["pedestrians"]))
+    tags["peds_sidewalk"] = min(3, sum(not p["on_crosswalk"] for p in a["pedestrians"]))
+    return tags
+
+
+class TowerTagger(torch.nn.Module):
+    """Image tower + a linear tag head on the flattened ``g x g`` pooled grid (the decoder's image tokens).
+
+    The head exists only for pre-training the tower and is dropped afterwards.
+    """
+
+    def __init__(self, backbone: str, backbone_args: dict[str, Any], grid: int):
+        super().__init__()
+        from shusheng.uniperceiver.model import build_backbone
+
+        self.backbone = build_backbone(backbone, backbone_args)
+        self.grid = grid
+        self.groups = _tag_groups()
+        c = self.backbone.num_features
+        self.norm = torch.nn.LayerNorm(grid * grid * c)
+        self.head = torch.nn.Linear(grid * grid * c, sum(n for _, n in self.groups))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.backbone.forward_features(images)  # (B, C, h, w)
+        f = torch.nn.functional.adaptive_avg_pool2d(f.float(), self.grid).flatten(1)  # (B, C*g*g)
+        logits = self.head(torch.nn.functional.dropout(self.norm(f), 0.1, self.training))
+        return dict(zip([g for g, _ in self.groups], logits.split([n for _, n in self.groups], 1)))
+
+
+def _tower_losses(model: TowerTagger, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    logits = model(batch["images"])
+    tags = [attribute_tags(r["attributes"]) for r in batch["records"]]
+    losses, correct = [], {}
+    for g, lg in logits.items():
+        y = torch.tensor([t[g] for t in tags], device=lg.device)
+        losses.append(torch.nn.functional.cross_entropy(lg, y))
+        correct[g] = (lg.argmax(-1) == y).float().mean()
+    out = {"tags": torch.stack(losses).mean()}
+    with torch.no_grad():
+        for key in ("light", "sign", "n_car", "n_red", "time"):
+            out[f"acc_{key}"] = correct[key]
+        out["tag_acc"] = torch.stack(list(correct.values())).mean()
+    return out
+
+
+def load_tower(model, tower_dir: str | Path) -> None:
+    """Copy the backbone of a finished "tower" run into ``model.image.backbone`` (exact shapes required)."""
+    from safetensors.torch import load_file
+
+    f = Path(tower_dir) / "final" / "backbone.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: run the 'tower' stage first (--stage tower --output {tower_dir})")
+    model.image.backbone.load_state_dict(load_file(str(f)))
+
+
+@torch.inference_mode()
+def extract_features(model, images: np.ndarray, both_flips: bool, batch_size: int = 64) -> torch.Tensor:
+    """Pooled tower features of every image (and of its mirror image): (N, 1|2, g*g, C) float16."""
+    from tqdm.auto import tqdm
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="extract", leave=False):
+        x = (torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        views = [x, x.flip(-1)] if both_flips else [x]
+        out.append(torch.stack([model.image.pooled_features(v.to(model.device)).cpu() for v in views], 1).half())
+    model.train()
+    return torch.cat(out)
+
+
+def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the final metrics (also written to ``metrics.json``)."""
+    accelerate = require("accelerate", extra="train")
+    from tqdm.auto import tqdm
+
+    if cfg.stage not in ("joint", "tower", "decoder"):
+        raise ValueError(f"stage must be 'joint', 'tower' or 'decoder', got {cfg.stage!r}")
+    if cfg.stage == "decoder" and not cfg.tower:
+        raise ValueError("stage 'decoder' needs --tower (the output folder of a 'tower' run)")
+    out = Path(cfg.output)
+    acc = accelerate.Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.amp)
+    accelerate.utils.set_seed(cfg.seed)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    images, records = load_synthdrive(cfg.data_dir, cfg.n_train, cfg.image_size)
+    features = None
+    if cfg.stage == "tower":
+        model = TowerTagger(cfg.backbone, cfg.backbone_args, cfg.image_grid)
+        sampler = StepSampler(images, records, cfg, [])
+        groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+        for g in groups:
+            g["lr"] = g["base_lr"] = cfg.lr
+    else:
+        model = build_model(cfg, records)
+        sampler = StepSampler(images, records, cfg, list(model.config.answers))
+        if cfg.stage == "decoder":
+            load_tower(model, cfg.tower)
+            model.image.backbone.requires_grad_(False)
+            feat_file = out / "tower_features.pt"
+            if feat_file.is_file():
+                features = torch.load(feat_file)
+            else:
+                features = extract_features(model, images, cfg.hflip)
+                if acc.is_main_process:
+                    torch.save(features, feat_file)
+            sampler.with_images = False
+        groups = param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    core = acc.unwrap_model(model)
+    n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    logger.info("stage %s: %.2fM trainable parameters, %d training images", cfg.stage, n_params / 1e6, len(records))
+
+    step, history, elapsed, first_step = 0, [], 0.0, 0
+    ckpts = _checkpoints(out)
+    resume_dir = (ckpts[-1] if ckpts else None) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    if resume_dir is not None:
+        acc.load_state(str(resume_dir))
+        prog = json.loads((resume_dir / "progress.json").read_text())
+        step, history, elapsed = prog["step"], prog["history"], prog.get("elapsed", 0.0)
+        if prog.get("steps"):
+            cfg.steps = prog["steps"]
+        first_step = step
+        logger.info("resumed from %s at step %d", resume_dir, step)
+
+    weights = {"caption": cfg.w_caption, "vqa": cfg.w_vqa, "vqa_gen": cfg.w_vqa_gen, "retrieval": cfg.w_retrieval,
+               "cls": cfg.w_cls}
+
+    def save() -> None:
+        d = out / "checkpoints" / f"step_{step}"
+        if (d / "progress.json").exists():
+            return
+        acc.save_state(str(d))
+        if acc.is_main_process:
+            (d / "progress.json").write_text(json.dumps({"step": step, "history": history, "elapsed": elapsed,
+                                                         "steps": cfg.steps}))
+            for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+            plot_history(history, out / "loss_curve.png")
+
+    model.train()
+    t_start, t_resume = time.time() - elapsed, time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not acc.is_main_process)
+    stopped_early = False
+    while step < cfg.steps:
+        batch = sampler(step)
+        with acc.autocast():
+            if cfg.stage == "tower":
+                losses = _tower_losses(model, batch)
+                loss = losses["tags"]
+            else:
+                pooled = None
+                if features is not None:
+                    pooled = features[batch["index"], batch["flip"].long() if features.shape[1] > 1 else 0].float()
+                losses = core.losses(batch["images"], batch["captions"], batch["questions"], batch["answers"],
+                                     batch["retrieval_texts"], batch["labels"], batch["answer_candidates"],
+                                     pooled=pooled)
+                loss = sum(weights[k] * v for k, v in losses.items() if k in weights)
+        acc.backward(loss)
+        if cfg.clip_grad:
+            acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - t_start
+        rec = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "time": elapsed}
+        rec.update({k: float(v) for k, v in losses.items()})
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('vqa_acc', rec.get('tag_acc', 0)):.2f}")
+        if step % cfg.log_every == 0 or step == 1:
+            logger.info("step %d loss %.4f %s (%.2f s/step)", step, rec["loss"],
+                        " ".join(f"{k} {rec[k]:.3f}" for k in losses), (time.time() - t_resume) / (step - first_step))
+        if cfg.time_budget_min and step == cfg.calibration_steps and first_step < step:
+            rate = (time.time() - t_resume) / (step - first_step)
+            cfg.steps = max(step + 1, int(cfg.time_budget_min * 60 / rate))
+            bar.total = cfg.steps
+            logger.info("time budget %.1f min at %.2f s/step: training for %d steps", cfg.time_budget_min, rate,
+                        cfg.steps)
+            if acc.is_main_process:
+                (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if cfg.save_every and step % cfg.save_every == 0:
+            save()
+        if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60 and step < cfg.steps:
+            logger.warning("time limit of %.1f min reached at step %d; stopping", cfg.max_minutes, step)
+            stopped_early = True
+            break
+    bar.close()
+    save()
+    metrics = {"steps": step, "wall_time_s": round(elapsed, 1), "stopped_early": stopped_early,
+               "final": {k: float(np.mean([h[k] for h in history[-20:]])) for k in history[-1] if k != "step"}
+               if history else {}}
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if cfg.stage == "tower":
+            from safetensors.torch import save_file
+
+            (out / "final").mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in core.backbone.state_dict().items()},
+                      str(out / "final" / "backbone.safetensors"))
+        else:
+            core.save_pretrained(out / "final")
+        plot_history(history, out / "loss_curve.png")
+        (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = UniPerceiverTrainConfig()
+    for name, value in asdict(d).items():
+        flag = "--" + name.replace("_", "-")
+        if name == "backbone_args":
+            p.add_argument(flag, type=json.loads, default=value, help="JSON dict of backbone arguments")
+        elif isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif value is None:
+            kind = {"n_train": int, "max_minutes": float, "time_budget_min": float}.get(name, str)
+            p.add_argument(flag, type=kind, default=None)
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+
+
+def config_from_args(args: argparse.Namespace) -> UniPerceiverTrainConfig:
+    fields = UniPerceiverTrainConfig.__dataclass_fields__
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    if kw.get("text_init") in ("none", "None", ""):
+        kw["text_init"] = None
+    return UniPerceiverTrainConfig(**kw)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    m = train(config_from_args(args))
+    print(json.dumps(m))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shusheng.train.uniperceiver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _run_train(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""``shusheng caption IMG...`` and ``shusheng ask IMG... -q QUESTION``: the unified decoder on the command line.
+
+With ``--json`` each prints a JSON list of ``{"image", "caption" | "answer", "score"}`` objects. Without a
+``--model`` folder the bundled ``shusheng-mini-uniperceiver`` is used. Heavy imports happen in ``run`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_ask_arguments", "add_caption_arguments", "run_ask", "run_caption"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled shusheng-mini-uniperceiver)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def add_caption_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--beams", type=int, default=2, help="beam width (1 = greedy)")
+    p.add_argument("--max-tokens", type=int, default=40, help="longest caption in tokens")
+
+
+def add_ask_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("-q", "--question", required=True, help="the question (asked about every image)")
+    p.add_argument("--mode", choices=("match", "generate"), default="match",
+                   help="pick from the model's answer list (default) or generate a free answer")
+    p.add_argument("--top-k", type=int, default=3, help="alternatives shown (matching mode)")
+
+
+def _fail(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _load(args: argparse.Namespace, cls):
+    return cls.from_pretrained(args.model)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from shusheng.data import ImageLoadError
+    from shusheng.uniperceiver.pipelines import CaptionPipeline
+
+    try:
+        pipe = _load(args, CaptionPipeline)
+        out = pipe(args.images, max_new_tokens=args.max_tokens, num_beams=args.beams, batch_size=args.batch_size)
+    except (ImageLoadError, ValueError, FileNotFoundError) as e:
+        return _fail(e)
+    rows = [{"image": im, "caption": c, "score": round(s, 4)} for im, c, s in zip(args.images, out.captions, out.scores)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['image']}: {r['caption']}  (score {r['score']:.3f})")
+    return 0
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from shusheng.data import ImageLoadError
+    from shusheng.uniperceiver.pipelines import VQAPipeline
+
+    if not args.question.strip():
+        return _fail(ValueError("the question is empty; ask something about the image"))
+    try:
+        pipe = _load(args, VQAPipeline)
+        out = pipe(args.images, args.question, mode=args.mode, top_k=args.top_k, batch_size=args.batch_size)
+    except (ImageLoadError, ValueError, FileNotFoundError) as e:
+        return _fail(e)
+    rows = [{"image": im, "question": args.question, "answer": a, "score": round(s, 4),
+             "alternatives": [[t, round(p, 4)] for t, p in k]}
+            for im, a, s, k in zip(args.images, out.answers, out.scores, out.top_k)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            alts = ", ".join(f"{t} {p:.2f}" for t, p in r["alternatives"][1:])
+            print(f"{r['image']}: {r['answer']}  (score {r['score']:.3f}{'; also ' + alts if alts else ''})")
+    return 0
