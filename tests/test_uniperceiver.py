@@ -48,9 +48,10 @@ def tiny_model(tok, seed: int = 0, **kw) -> UniPerceiver:
 
 
 def images(n: int = 8, size: int = 64) -> torch.Tensor:
+    """``n`` <= 8 noisy images around the 8 corners of the colour cube (far apart from each other)."""
     g = torch.Generator().manual_seed(1)
-    base = torch.rand(n, 3, 1, 1, generator=g) * 4 - 2
-    return base + 0.3 * torch.randn(n, 3, size, size, generator=g)
+    corners = torch.tensor([[(k >> b) & 1 for b in range(3)] for k in range(8)], dtype=torch.float32) * 3 - 1.5
+    return corners[:n, :, None, None] + 0.3 * torch.randn(n, 3, size, size, generator=g)
 
 
 # ---------------------------------------------------------------------------------------------------- masks
@@ -165,16 +166,15 @@ def test_minilm_layers_match_transformers(tok):
 # ---------------------------------------------------------------------------------------------------- training
 
 def test_overfits_eight_captions_and_reproduces_them(tok):
-    # shallow vocabulary targets and frozen (random) word embeddings keep each step to a few milliseconds
-    m = tiny_model(tok, seed=0, vocab_targets="shallow", freeze_word_embeddings=True, image_size=32).train()
-    x = images(8, 32)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
-    for _step in range(300):
+    m = tiny_model(tok, seed=0).train()
+    x = images(8)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    for _step in range(400):
         loss = m.losses(x, CAPTIONS)["caption"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 0.05:
+        if loss.item() < 0.02:
             break
     assert loss.item() < 0.1, f"caption loss {loss.item():.3f} after {_step + 1} steps"
     m.eval()

@@ -10,9 +10,7 @@ Only Gradio components and calls into the pipelines live here (no model logic). 
 test scenes rendered on demand.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from typing import Any  # no postponed annotations here: Gradio reads the event-data annotation of `pick`
 
 from shusheng._deps import require
 
