@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from shusheng._config import config_from_any
 from shusheng.backbone.checkpoint import (
     PretrainedWeightsNotFound,
     filter_state_dict,
@@ -424,19 +425,7 @@ class InternImageConfig:
     @classmethod
     def from_any(cls, config: InternImageConfig | Mapping[str, Any] | None = None, **overrides) -> InternImageConfig:
         """Build from a config, a plain dict (e.g. a parsed ``config.json``) and/or keyword overrides."""
-        base: dict[str, Any] = {}
-        if isinstance(config, InternImageConfig):
-            base = asdict(config)
-        elif isinstance(config, Mapping):
-            base = dict(config)
-        elif config is not None:
-            raise TypeError(f"config must be an InternImageConfig or a mapping, got {type(config).__name__}")
-        base.update(overrides)
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(base) - names)
-        if unknown:
-            raise TypeError(f"unknown InternImage argument(s) {unknown}; valid names: {sorted(names)}")
-        return cls(**base)
+        return config_from_any(cls, config, **overrides)
 
     @property
     def dcn_backend(self) -> str | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from shusheng._config import config_from_any
 
 __all__ = ["MINILM", "TASKS", "UniPerceiverConfig"]
 
@@ -100,19 +102,7 @@ class UniPerceiverConfig:
     @classmethod
     def from_any(cls, config: UniPerceiverConfig | Mapping[str, Any] | None = None, **overrides) -> UniPerceiverConfig:
         """Build from a config, a plain dict (e.g. a parsed ``config.json``) and/or keyword overrides."""
-        base: dict[str, Any] = {}
-        if isinstance(config, UniPerceiverConfig):
-            base = asdict(config)
-        elif isinstance(config, Mapping):
-            base = dict(config)
-        elif config is not None:
-            raise TypeError(f"config must be a UniPerceiverConfig or a mapping, got {type(config).__name__}")
-        base.update(overrides)
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(base) - names)
-        if unknown:
-            raise TypeError(f"unknown UniPerceiverConfig field(s) {unknown}; valid names: {sorted(names)}")
-        return cls(**base)
+        return config_from_any(cls, config, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
