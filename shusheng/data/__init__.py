@@ -13,7 +13,8 @@ from typing import Any
 from shusheng.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image
 
 _SYNTHDRIVE = (
-    "SPLITS", "TEST_IMAGE_SIZE", "TEST_SEED", "TEST_SIZE", "TRAIN_SEED", "VAL_SEED", "Annotation", "SynthDrive",
+    "DENSE_LABELS", "SPLITS", "TEST_IMAGE_SIZE", "TEST_SEED", "TEST_SIZE", "TRAIN_SEED", "VAL_SEED", "Annotation",
+    "SynthDrive", "dense_labels",
     "answer", "collate", "generate", "image_rng", "image_seed", "preview_grid", "render", "sample", "sample_spec",
     "synthdrive_split",
 )

@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from shusheng.data.synthdrive_render import (
+    CLASSES,
     COCO_CATEGORIES,
     COLORS,
     LIGHT_ID,
@@ -77,6 +78,7 @@ __all__ = [
     "TEST_SIZE",
     "TRAIN_SEED",
     "VAL_SEED",
+    "DENSE_LABELS",
     "Annotation",
     "SynthDrive",
     "answer",
@@ -457,6 +459,40 @@ def render(spec: SceneSpec, size: int = 128) -> tuple[Image.Image, Annotation]:
     captions = make_captions(attributes, text_rng)
     qa = make_qa(attributes, text_rng)
     return r.image, Annotation(attributes, captions, qa, objects, r.semantic, r.instance)
+
+
+#: per-pixel object labels of :func:`dense_labels` (label ``k + 1`` in the map is ``DENSE_LABELS[k]``; 0 = none):
+#: a vehicle by colour and type, a pedestrian by place, the traffic-light head by state, the sign head by kind,
+#: and crosswalk stripes.
+DENSE_LABELS: tuple[str, ...] = (
+    *(f"{c} {t}" for c in COLORS for t in VEHICLE_TYPES),
+    "person on crosswalk", "person on sidewalk",
+    "light red", "light yellow", "light green",
+    "sign stop", "sign yield", "sign speed_30", "sign speed_50", "sign speed_80",
+    "crosswalk",
+)
+_DENSE_INDEX = {name: i + 1 for i, name in enumerate(DENSE_LABELS)}
+
+
+def dense_labels(annotation: Annotation) -> np.ndarray:
+    """``(H, W)`` uint8 map of which described object each pixel shows (see :data:`DENSE_LABELS`; 0 = none).
+
+    Built from the instance map, so it agrees exactly with ``attributes``: dense supervision for models that
+    must find small objects (a traffic-light head is a few pixels at 128 x 128).
+    """
+    a, inst = annotation.attributes, annotation.instance
+    table = np.zeros(256, dtype=np.uint8)
+    for i, v in enumerate(a["vehicles"]):
+        table[vehicle_id(i)] = _DENSE_INDEX[f"{v['color']} {v['type']}"]
+    for j, p in enumerate(a["pedestrians"]):
+        table[pedestrian_id(j)] = _DENSE_INDEX["person on crosswalk" if p["on_crosswalk"] else "person on sidewalk"]
+    if a["light"] != "none":
+        table[LIGHT_ID] = _DENSE_INDEX[f"light {a['light']}"]
+    if a["sign"] != "none":
+        table[SIGN_ID] = _DENSE_INDEX[f"sign {a['sign']}"]
+    out = table[inst]
+    out[(inst == 0) & (annotation.semantic == CLASSES.index("crosswalk"))] = _DENSE_INDEX["crosswalk"]
+    return out
 
 
 def sample(split_seed: int, index: int, size: int = 128) -> tuple[Image.Image, Annotation]:

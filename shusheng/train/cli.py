@@ -8,6 +8,7 @@ import importlib
 # task -> (module, add-arguments function, run function, help)
 TRAIN_TASKS = {
     "classify": ("shusheng.train.classify", "add_train_arguments", "_run_train", "image classification on an ImageFolder"),
+    "clip": ("shusheng.train.clip", "add_train_arguments", "_run_train", "shusheng-mini-clip image-text embedder on SynthDrive"),
     "uniperceiver": ("shusheng.train.uniperceiver", "add_train_arguments", "_run_train", "unified decoder (caption, VQA, retrieval, classification) on SynthDrive"),
 }
 EVAL_TASKS = {
