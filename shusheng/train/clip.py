@@ -746,7 +746,8 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     pos_weight = torch.tensor(cfg.dense_pos_weight)
     n, bs = len(train_split.images), cfg.tower_batch_size
-    per_epoch = max(1, n // bs)
+    world, rank = acc.num_processes, acc.process_index  # each process takes its own slice of every global batch
+    per_epoch = max(1, n // (bs * world))
     step, history, evals, elapsed = 0, [], [], 0.0
     ckpt_dir = tdir / "checkpoints"
     ckpts = sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1])) if ckpt_dir.is_dir() else []
@@ -776,7 +777,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
     while step < cfg.tower_steps:
         epoch, b = divmod(step, per_epoch)  # batches depend only on (seed, epoch, b): exact resume
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + 17 + epoch))
-        idx = order[b * bs:(b + 1) * bs]
+        idx = order[(b * world + rank) * bs:(b * world + rank + 1) * bs]
         pixels = ((train_split.images[idx].float() / 255 - mean) / std).to(acc.device)
         feats, dense = tower.features_and_dense(pixels)
         cells = dense_targets(train_split.labels[idx], num_labels).to(acc.device)
@@ -788,6 +789,10 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
         loss = l_dense + l_presence + 0.2 * l_global
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
+        if world > 1:  # the modules are not wrapped in DDP (the tower is called directly): average gradients
+            for p in modules.parameters():
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.clip_grad)
         opt.step()
@@ -809,15 +814,18 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
             evals.append({"step": step, "val": res})
             logger.info("stage 1 step %d val presence accuracy %s", step,
                         " ".join(f"{k} {v:.3f}" for k, v in res.items()))
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.tower_steps:
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.tower_steps and acc.is_main_process:
             save()
     bar.close()
     info = {"steps": step, "train_seconds": round(elapsed + time.time() - t0, 1),
             "final_loss_mean_last_50": float(np.mean([h["loss"] for h in history[-50:]])) if history else None,
-            "val_presence_accuracy": evaluate_dense(tower, val_split) if val_split is not None else None,
+            "val_presence_accuracy": evaluate_dense(tower, val_split)
+            if val_split is not None and acc.is_main_process else None,
             "evals": evals}
-    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(done_file))
-    info_file.write_text(json.dumps({**info, "history": history}))
+    if acc.is_main_process:
+        save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(done_file))
+        info_file.write_text(json.dumps({**info, "history": history}))
+    acc.wait_for_everyone()
     logger.info("stage 1 done in %.0f s: val presence accuracy %s", info["train_seconds"], info["val_presence_accuracy"])
     return {**info, "history": history}
 
