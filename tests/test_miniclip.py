@@ -362,3 +362,61 @@ def test_bundled_weights_rank_true_captions_first(text_encoder):
     sims = img_emb @ txt_emb.T  # (3 images, 3 captions)
     for i in range(3):
         assert sims[i, i] > max(sims[i, j] for j in range(3) if j != i), sims
+
+
+def test_detector_needs_a_dense_head(text_encoder):
+    from shusheng.retrieval_index.miniclip import DenseObjectDetector
+
+    with pytest.raises(ValueError, match="dense object head"):
+        DenseObjectDetector(tiny_model(text_encoder))
+    dense = MiniClip(text_encoder=text_encoder, dcn_backend="reference", num_dense_labels=len(sd.DENSE_LABELS),
+                     dense_dim=16, **TINY)
+    with pytest.raises(ValueError, match="threshold"):
+        DenseObjectDetector(dense, threshold=1.5)
+
+
+def _overlap(a, b) -> float:
+    """Intersection over the area of ``a`` (boxes [x, y, w, h])."""
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / max(1, a[2] * a[3])
+
+
+@pytest.mark.skipif(not _bundled_present(), reason="bundled shusheng-mini-clip weights not present")
+def test_bundled_dense_head_detects_vehicles_and_maps_boxes_to_the_image():
+    from shusheng.retrieval_index.miniclip import DenseObjectDetector
+
+    det = DenseObjectDetector(load_bundled())
+    hit, total = 0, 0
+    for i in range(10):
+        img, ann = sd.sample(sd.TEST_SEED, i, 256)
+        found = [d for d in det.detect(img) if d["label"].endswith(("car", "truck", "bus"))]
+        for o in ann.objects:
+            if o["category"] in ("car", "truck", "bus") and o["bbox"][2] * o["bbox"][3] >= 400:
+                total += 1
+                hit += any(_overlap(o["bbox"], d["box"]) >= 0.5 for d in found)
+    assert total >= 10 and hit / total >= 0.6, (hit, total)
+    assert det(Image.new("RGB", (300, 200), (128, 128, 128))) == []
+    # a scene pasted on the right half of a wide canvas: every box lies on that half, inside the image
+    img, _ = sd.sample(sd.TEST_SEED, 0, 256)
+    wide = Image.new("RGB", (512, 256))
+    wide.paste(img, (256, 0))
+    boxes = det(wide)
+    assert boxes and all(x >= 256 - 16 and x + w <= 512 and y >= 0 and y + h <= 256 for x, y, w, h in boxes)
+
+
+@pytest.mark.skipif(not _bundled_present(), reason="bundled shusheng-mini-clip weights not present")
+def test_index_cli_detect_adds_region_entries(tmp_path, capsys):
+    from shusheng.apps.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        sd.sample(sd.TEST_SEED, i, 256)[0].save(folder / f"scene{i}.jpg", quality=92)
+    assert main(["index", str(folder), "--detect", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["regions"] >= 3, report
+    assert main(["search", "a car", "--index", str(folder / ".shusheng-index"), "--every-region", "-k", "20",
+                 "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert any(h["box"] is not None for h in hits)

