@@ -420,3 +420,30 @@ def test_index_cli_detect_adds_region_entries(tmp_path, capsys):
                  "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert any(h["box"] is not None for h in hits)
+
+
+def test_dense_tower_backbone_tokens_and_weights(text_encoder):
+    from shusheng.retrieval_index.miniclip import DenseTowerBackbone
+    from shusheng.uniperceiver.model import build_backbone
+
+    torch.manual_seed(0)
+    model = MiniClip(text_encoder=text_encoder, dcn_backend="reference", num_dense_labels=len(sd.DENSE_LABELS),
+                     dense_dim=16, **TINY)
+    bb = DenseTowerBackbone.from_miniclip(model, grid=2)
+    assert bb.num_features == 16 + len(sd.DENSE_LABELS) and not hasattr(bb.tower, "proj")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = bb.forward_features(x)
+        fused, dense = model.visual.fused_and_dense(x)
+    assert out.shape == (3, bb.num_features, 2, 2)
+    # first the average-pooled fused map, then the max-pooled probabilities of the dense head
+    torch.testing.assert_close(out[:, :16], torch.nn.functional.adaptive_avg_pool2d(fused, 2))
+    torch.testing.assert_close(out[:, 16:], torch.nn.functional.adaptive_max_pool2d(torch.sigmoid(dense), 2))
+    assert out[:, 16:].min() >= 0 and out[:, 16:].max() <= 1
+    # the Uni-Perceiver builds it by name, headless, with the same weight names
+    args = {k: v for k, v in model.config.to_dict().items() if k in ("channels", "depths", "groups", "mlp_ratio",
+                                                                       "num_dense_labels", "dense_dim", "image_size")}
+    built = build_backbone("shusheng-mini-clip-tower", {"grid": 2, **args})
+    assert set(built.state_dict()) == set(bb.state_dict())
+    with pytest.raises(ValueError, match="dense head"):
+        DenseTowerBackbone(grid=2, **{**args, "num_dense_labels": 0})
