@@ -552,6 +552,8 @@ class DenseObjectDetector:
     def detect(self, image: Any) -> list[dict[str, Any]]:
         """``[{"box": [x, y, w, h], "label": str, "score": float}, ...]`` in pixels of ``image`` (anything
         ``shusheng.data.load_image`` opens), best score first."""
+        from PIL import Image
+
         from shusheng.data import load_image
 
         img = load_image(image)
@@ -559,7 +561,7 @@ class DenseObjectDetector:
         side = self.model.config.image_size
         scale = side / min(w, h)
         in_w, in_h = (max(32, int(round(v * scale / 32)) * 32) for v in (w, h))
-        resized = img.resize((in_w, in_h), resample=_pil_resample(self.model.config.interpolation))
+        resized = img.resize((in_w, in_h), resample=Image.Resampling[self.model.config.interpolation.upper()])
         u8 = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
         was_training = self.model.training
         self.model.eval()
@@ -590,10 +592,6 @@ class DenseObjectDetector:
         return [d["box"] for d in self.detect(image)]
 
 
-def _pil_resample(name: str):
-    from PIL import Image
-
-    return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(name, Image.BICUBIC)
 
 
 def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
@@ -648,8 +646,7 @@ class DenseTowerBackbone(nn.Module):
     @classmethod
     def from_miniclip(cls, model: MiniClip, grid: int = 4) -> DenseTowerBackbone:
         """A backbone holding a copy of ``model``'s trained tower weights."""
-        args = {k: v for k, v in model.config.to_dict().items()}
-        out = cls(grid=grid, **args)
+        out = cls(grid=grid, **model.config.to_dict())
         state = {k: v for k, v in model.visual.state_dict().items() if not k.startswith("proj.")}
         out.tower.load_state_dict(state)
         return out

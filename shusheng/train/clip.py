@@ -63,7 +63,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from shusheng._deps import require
-from shusheng.retrieval_index.miniclip import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -692,19 +691,17 @@ _DENSE_GROUPS = {"vehicles": (0, 24), "pedestrians": (24, 26), "traffic light": 
 
 
 @torch.inference_mode()
-def evaluate_dense(tower, split: SplitCache, batch_size: int = 250) -> dict[str, float]:
-    """Per-image presence accuracy of the dense head on a split: for each label group, the fraction of images
-    whose every label of the group is predicted present/absent correctly (max cell logit > 0)."""
+def evaluate_dense(model, split: SplitCache, batch_size: int = 250) -> dict[str, float]:
+    """Per-image presence accuracy of ``model``'s dense head on a split: for each label group, the fraction of
+    images whose every label of the group is predicted present/absent correctly (max cell logit > 0)."""
     from shusheng.data.synthdrive import DENSE_LABELS
 
+    tower = model.visual
     was_training = tower.training
     tower.eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    dev = next(tower.parameters()).device
     pred = []
     for s in range(0, len(split.images), batch_size):
-        pixels = ((split.images[s:s + batch_size].float() / 255 - mean) / std).to(dev)
+        pixels = model.normalize_uint8(split.images[s:s + batch_size].to(model.device))
         pred.append(tower.features_and_dense(pixels)[1].amax((2, 3)).cpu() > 0)
     tower.train(was_training)
     pred = torch.cat(pred)
@@ -742,8 +739,6 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
                                          warmup_t=cfg.tower_warmup_steps, warmup_lr_init=cfg.tower_lr * 1e-3,
                                          warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
     g_true = torch.tensor([[_TIMES.index(a["time"]), _WEATHERS.index(a["weather"])] for a in train_split.attributes])
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     pos_weight = torch.tensor(cfg.dense_pos_weight)
     n, bs = len(train_split.images), cfg.tower_batch_size
     world, rank = acc.num_processes, acc.process_index  # each process takes its own slice of every global batch
@@ -778,7 +773,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
         epoch, b = divmod(step, per_epoch)  # batches depend only on (seed, epoch, b): exact resume
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + 17 + epoch))
         idx = order[(b * world + rank) * bs:(b * world + rank + 1) * bs]
-        pixels = ((train_split.images[idx].float() / 255 - mean) / std).to(acc.device)
+        pixels = model.normalize_uint8(train_split.images[idx].to(acc.device))
         feats, dense = tower.features_and_dense(pixels)
         cells = dense_targets(train_split.labels[idx], num_labels).to(acc.device)
         l_dense = F.binary_cross_entropy_with_logits(dense, cells, pos_weight=pos_weight.to(acc.device))
@@ -810,7 +805,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
                         np.mean([h["global"] for h in recent]), len(recent), opt.param_groups[0]["lr"],
                         elapsed + time.time() - t0)
         if val_split is not None and cfg.eval_every and step % cfg.eval_every == 0 and acc.is_main_process:
-            res = evaluate_dense(tower, val_split)
+            res = evaluate_dense(model, val_split)
             evals.append({"step": step, "val": res})
             logger.info("stage 1 step %d val presence accuracy %s", step,
                         " ".join(f"{k} {v:.3f}" for k, v in res.items()))
@@ -819,7 +814,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
     bar.close()
     info = {"steps": step, "train_seconds": round(elapsed + time.time() - t0, 1),
             "final_loss_mean_last_50": float(np.mean([h["loss"] for h in history[-50:]])) if history else None,
-            "val_presence_accuracy": evaluate_dense(tower, val_split)
+            "val_presence_accuracy": evaluate_dense(model, val_split)
             if val_split is not None and acc.is_main_process else None,
             "evals": evals}
     if acc.is_main_process:
@@ -831,18 +826,16 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
 
 
 @torch.inference_mode()
-def tower_features(tower, images: torch.Tensor, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
-    """``(N, 3, S, S)`` uint8 → ``(N, feature_dim)`` image features of the (frozen) tower, in eval mode."""
+def tower_features(model, images: torch.Tensor, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
+    """``(N, 3, S, S)`` uint8 → ``(N, feature_dim)`` features of ``model``'s (frozen) image tower, in eval mode."""
     from tqdm.auto import tqdm
 
+    tower = model.visual
     was_training = tower.training
     tower.eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    dev = next(tower.parameters()).device
     out = []
     for s in tqdm(range(0, len(images), batch_size), desc="tower features", disable=not progress, mininterval=10):
-        out.append(tower.features(((images[s:s + batch_size].float() / 255 - mean) / std).to(dev)).float().cpu())
+        out.append(tower.features(model.normalize_uint8(images[s:s + batch_size].to(model.device))).float().cpu())
     tower.train(was_training)
     return torch.cat(out)
 
@@ -919,7 +912,7 @@ def train(cfg: ClipConfig) -> dict:
             from safetensors.torch import load_file
             inputs = load_file(str(feat_file))["features"]
         else:
-            inputs = tower_features(model.visual, train_split.images, progress=acc.is_main_process)
+            inputs = tower_features(model, train_split.images, progress=acc.is_main_process)
             if acc.is_main_process:
                 from safetensors.torch import save_file
                 feat_file.parent.mkdir(parents=True, exist_ok=True)
