@@ -447,3 +447,39 @@ def test_dense_tower_backbone_tokens_and_weights(text_encoder):
     assert set(built.state_dict()) == set(bb.state_dict())
     with pytest.raises(ValueError, match="dense head"):
         DenseTowerBackbone(grid=2, **{**args, "num_dense_labels": 0})
+
+
+def test_count_components_matches_the_detector_grouping():
+    from shusheng.retrieval_index.miniclip import _components, count_components
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 5, 9, 7, generator=g) < 0.5
+    masks[0, 0] = True  # one component filling the grid
+    masks[0, 1] = False  # none
+    masks[0, 2] = torch.eye(9, 7, dtype=torch.bool)  # diagonal cells touch only at corners: 7 components
+    got = count_components(masks)
+    assert got.shape == (6, 5) and got.dtype == torch.int64
+    want = torch.tensor([[len(_components(m.numpy())) for m in row] for row in masks])
+    assert torch.equal(got, want)
+    assert got[0, :3].tolist() == [1, 0, 7]
+
+
+def test_dense_tower_backbone_summary_channels(text_encoder):
+    from shusheng.retrieval_index.miniclip import DenseTowerBackbone, count_components
+
+    torch.manual_seed(0)
+    n = len(sd.DENSE_LABELS)
+    model = MiniClip(text_encoder=text_encoder, dcn_backend="reference", num_dense_labels=n, dense_dim=16, **TINY)
+    plain = DenseTowerBackbone.from_miniclip(model, grid=2)
+    bb = DenseTowerBackbone.from_miniclip(model, grid=2, summary=True)
+    assert bb.num_features == 16 + 3 * n
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = bb.forward_features(x), plain.forward_features(x)
+        prob = torch.sigmoid(model.visual.fused_and_dense(x)[1])
+    assert out.shape == (3, 16 + 3 * n, 2, 2)
+    torch.testing.assert_close(out[:, :16 + n], ref)  # the per-block channels are unchanged
+    stats = out[:, 16 + n:]
+    assert torch.equal(stats, stats[:, :, :1, :1].expand_as(stats))  # the same in every block
+    torch.testing.assert_close(stats[:, :n, 0, 0], prob.amax((2, 3)))
+    assert torch.equal(stats[:, n:, 0, 0], count_components(prob >= 0.5).float())

@@ -43,7 +43,7 @@ from shusheng._deps import require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MINILM_NAME", "MODEL_NAME", "DenseObjectDetector", "DenseTowerBackbone", "MiniClip", "MiniClipConfig", "MiniLMTextEncoder",
+__all__ = ["MINILM_NAME", "MODEL_NAME", "DenseObjectDetector", "count_components", "DenseTowerBackbone", "MiniClip", "MiniClipConfig", "MiniLMTextEncoder",
            "load_bundled", "resolve_text_model"]
 
 MODEL_NAME = "shusheng-mini-clip"
@@ -614,6 +614,26 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
     return out
 
 
+def count_components(mask: torch.Tensor) -> torch.Tensor:
+    """Number of 4-connected components of each boolean map: ``(..., H, W)`` -> ``(...)`` int64.
+
+    Batched label propagation: every cell starts with its own id and repeatedly takes the largest id among itself
+    and its four neighbours inside the mask; a component keeps exactly one cell whose final id is its own.
+    """
+    *lead, h, w = mask.shape
+    m = mask.reshape(-1, 1, h, w)
+    own = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, 1, h, w)
+    ids = own * m
+    for _ in range(h * w):
+        p = F.pad(ids, (1, 1, 1, 1))
+        nxt = torch.maximum(torch.maximum(torch.maximum(p[..., :-2, 1:-1], p[..., 2:, 1:-1]),
+                                          torch.maximum(p[..., 1:-1, :-2], p[..., 1:-1, 2:])), ids) * m
+        if torch.equal(nxt, ids):
+            break
+        ids = nxt
+    return ((ids == own) & m).flatten(1).sum(1).reshape(lead)
+
+
 class DenseTowerBackbone(nn.Module):
     """The mini-clip image tower as a ``forward_features`` backbone for other models (the Uni-Perceiver's image
     tokenizer): ``(B, 3, S, S)`` → ``(B, dense_dim + L, grid, grid)``, the fused stride-8 map average-pooled and
@@ -622,12 +642,20 @@ class DenseTowerBackbone(nn.Module):
     Measured with a linear probe (4,000 train / 1,000 val SynthDrive scenes): these 4 x 4 tokens give the
     traffic-light state 0.892 and the sign kind 0.743, where the same tower's stride-32 map gives 0.381 / 0.284.
 
+    With ``summary=True`` every block also carries two image-level statistics per dense label, the same for all
+    blocks: the label's highest probability anywhere in the image, and the number of objects of that label (the
+    4-connected components of its stride-8 cells at probability >= 0.5, as :class:`DenseObjectDetector` finds
+    them). "What colour is the light?" then reads from any one token instead of a search over all of them, and
+    "how many buses?" from a count instead of block areas. On the 500 val scenes the image-level maxima give the
+    light state 0.994 and the sign kind 0.764 with a plain arg-max rule.
+
     Args:
         grid: output side.
+        summary: append the image-level maxima and object counts (``2 * L`` more channels).
         **config: :class:`MiniClipConfig` fields of the tower (``num_dense_labels`` must be > 0).
     """
 
-    def __init__(self, grid: int = 4, **config):
+    def __init__(self, grid: int = 4, summary: bool = False, **config):
         super().__init__()
         config.pop("num_classes", None)  # build_backbone convention: always headless
         cfg = MiniClipConfig.from_any(config)
@@ -636,17 +664,22 @@ class DenseTowerBackbone(nn.Module):
         self.tower = ImageTower(cfg)
         del self.tower.proj  # the embedding projection is not part of this backbone
         self.grid = grid
-        self.num_features = cfg.dense_dim + cfg.num_dense_labels
+        self.summary = summary
+        self.num_features = cfg.dense_dim + cfg.num_dense_labels * (3 if summary else 1)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         fused, dense = self.tower.fused_and_dense(pixels)
-        return torch.cat([F.adaptive_avg_pool2d(fused, self.grid),
-                          F.adaptive_max_pool2d(torch.sigmoid(dense), self.grid)], dim=1)
+        prob = torch.sigmoid(dense)  # (B, L, h, w)
+        parts = [F.adaptive_avg_pool2d(fused, self.grid), F.adaptive_max_pool2d(prob, self.grid)]
+        if self.summary:
+            stats = torch.cat([prob.amax((2, 3)), count_components(prob >= 0.5).to(prob.dtype)], 1)  # (B, 2L)
+            parts.append(stats[:, :, None, None].expand(-1, -1, self.grid, self.grid))
+        return torch.cat(parts, dim=1)
 
     @classmethod
-    def from_miniclip(cls, model: MiniClip, grid: int = 4) -> DenseTowerBackbone:
+    def from_miniclip(cls, model: MiniClip, grid: int = 4, summary: bool = False) -> DenseTowerBackbone:
         """A backbone holding a copy of ``model``'s trained tower weights."""
-        out = cls(grid=grid, **model.config.to_dict())
+        out = cls(grid=grid, summary=summary, **model.config.to_dict())
         state = {k: v for k, v in model.visual.state_dict().items() if not k.startswith("proj.")}
         out.tower.load_state_dict(state)
         return out
