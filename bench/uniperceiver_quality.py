@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="test images (the fixed set has 1000)")
     parser.add_argument("--gen-images", type=int, default=300, help="images for the open-generation VQA score")
     parser.add_argument("--beams", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64, help="longest generated caption in tokens")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
         # 4. captioning
         caps = []
         for i in range(0, n, bs):
-            g = generate(model, model.prefix(tokens[i:i + bs]), 40, args.beams, "caption", vocab_feats=vocab)
+            g = generate(model, model.prefix(tokens[i:i + bs]), min(args.max_tokens, cfg.max_text_len), args.beams,
+                         "caption", vocab_feats=vocab)
             caps += [model.tokenizer.decode(t) for t in g.tokens]
         refs = [r["captions"] for r in recs]
         rows.append({"metric": f"caption CIDEr-D (beam {args.beams})", "template wordings": cider_d(caps, refs)})

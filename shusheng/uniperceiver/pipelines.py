@@ -148,7 +148,7 @@ class CaptionPipeline(_Pipeline):
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
 
-    def __call__(self, images: Any, max_new_tokens: int = 40, num_beams: int = 2, length_penalty: float = 0.0,
+    def __call__(self, images: Any, max_new_tokens: int = 64, num_beams: int = 2, length_penalty: float = 0.0,
                  batch_size: int = 64) -> CaptionOutput:
         """Caption images.
 
