@@ -483,3 +483,27 @@ def test_dense_tower_backbone_summary_channels(text_encoder):
     assert torch.equal(stats, stats[:, :, :1, :1].expand_as(stats))  # the same in every block
     torch.testing.assert_close(stats[:, :n, 0, 0], prob.amax((2, 3)))
     assert torch.equal(stats[:, n:, 0, 0], count_components(prob >= 0.5).float())
+
+
+def test_tower_init_reads_a_mini_clip_folder_or_a_stage1_tower(text_encoder, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    model = MiniClip(text_encoder=text_encoder, dcn_backend="reference", num_dense_labels=len(sd.DENSE_LABELS),
+                     dense_dim=16, **TINY)
+    model.save_pretrained(tmp_path / "clip", dtype=torch.float16)
+    want = model.visual.state_dict()
+    got = train_clip.load_tower_init(tmp_path / "clip")
+    assert set(got) == set(want) and all(v.dtype == torch.float32 for v in got.values())
+    for k, v in want.items():  # the fp16 copy of every tower tensor, nothing of the text side
+        torch.testing.assert_close(got[k], v.half().float())
+    fresh = MiniClip(text_encoder=text_encoder, dcn_backend="reference", num_dense_labels=len(sd.DENSE_LABELS),
+                     dense_dim=16, **TINY)
+    fresh.visual.load_state_dict(got)  # strict: the keys are exactly the tower's
+    save_file({k: v.contiguous() for k, v in want.items()}, str(tmp_path / "tower.safetensors"))
+    torch.testing.assert_close(train_clip.load_tower_init(tmp_path / "tower.safetensors"), dict(want))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_clip.load_tower_init(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="mini-clip folder"):
+        train_clip.load_tower_init(tmp_path / "empty")

@@ -105,6 +105,7 @@ class ClipConfig:
     tower_batch_size: int = 32
     tower_lr: float = 2e-3
     tower_warmup_steps: int = 100
+    tower_init: str | None = None  # start stage 1 from this tower: a mini-clip folder or a stage-1 tower.safetensors
     dense_pos_weight: float = 10.0  # BCE weight of positive cells (objects cover few cells)
     # stage 2: contrastive alignment
     freeze_tower: bool = True  # train only the projection, text adapter and scale, on cached tower features
@@ -710,6 +711,26 @@ def evaluate_dense(model, split: SplitCache, batch_size: int = 250) -> dict[str,
     return {name: float(ok[:, a:b].all(1).float().mean()) for name, (a, b) in _DENSE_GROUPS.items()}
 
 
+def load_tower_init(path: str | Path) -> dict[str, torch.Tensor]:
+    """The image-tower state dict (float32) of a mini-clip folder (``save_pretrained``: its ``visual.*``
+    tensors) or of a stage-1 ``tower.safetensors``."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+        if not p.is_file():
+            raise FileNotFoundError(f"tower_init: {p} not found (expected a mini-clip folder or tower.safetensors)")
+        sd = {k[len("visual."):]: v for k, v in load_file(str(p)).items() if k.startswith("visual.")}
+        if not sd:
+            raise ValueError(f"tower_init: {p} holds no image-tower (visual.*) tensors")
+    elif p.is_file():
+        sd = load_file(str(p))
+    else:
+        raise FileNotFoundError(f"tower_init: {p} does not exist")
+    return {k: v.float() for k, v in sd.items()}
+
+
 def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: SplitCache | None, out: Path,
                 acc) -> dict[str, Any]:
     """Stage 1: supervise the image tower densely (which objects each stride-8 cell shows, per-image presence,
@@ -732,6 +753,9 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
     num_labels = len(DENSE_LABELS)
     if tower.num_dense_labels != num_labels:
         raise ValueError(f"stage 1 needs the dense head with {num_labels} labels (dense_head=True)")
+    if cfg.tower_init:
+        tower.load_state_dict(load_tower_init(cfg.tower_init))
+        logger.info("stage 1 starts from the tower in %s", cfg.tower_init)
     g_head = nn.Linear(tower.feature_dim, len(_TIMES) + len(_WEATHERS))  # training-only: time, weather
     modules = nn.ModuleDict({"tower": tower, "global_head": g_head})
     opt = torch.optim.AdamW(_param_groups(modules, cfg.weight_decay), lr=cfg.tower_lr, betas=(0.9, 0.98))

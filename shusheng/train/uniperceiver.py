@@ -62,6 +62,9 @@ class UniPerceiverTrainConfig:
     # "decoder": freeze the tower of a "tower" run (--tower), cache its pooled features, train the rest
     stage: str = "joint"
     tower: str | None = None  # output folder of a "tower" run (stage "decoder")
+    # warm start: a UniPerceiver folder (save_pretrained) whose weights, all but the image backbone's, start the
+    # run (stages "joint" and "decoder"; the vocabulary, answers and shapes must match)
+    init: str | None = None
     amp: str = "no"  # "bf16": bfloat16 autocast (CPU and GPU)
     # model
     backbone: str = "internimage_test"
@@ -385,6 +388,31 @@ def load_tower(model, tower_dir: str | Path) -> None:
     model.image.backbone.load_state_dict(load_file(str(f)))
 
 
+def init_from(model, directory: str | Path) -> None:
+    """Copy every tensor of a ``save_pretrained`` folder except the image backbone's into ``model`` (a warm
+    start on a new tower). The run's generation vocabulary, answers and class names must be the folder's."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    f, cfg_file = d / "model.safetensors", d / "config.json"
+    if not (f.is_file() and cfg_file.is_file()):
+        raise FileNotFoundError(f"init: {d} is not a UniPerceiver folder (model.safetensors + config.json)")
+    theirs = json.loads(cfg_file.read_text()).get("config", {})
+    for key in ("target_vocab", "answers", "class_names", "d_model", "n_layers", "image_grid"):
+        if key in theirs and theirs[key] != json.loads(json.dumps(getattr(model.config, key))):
+            raise ValueError(f"init: {d} has a different {key} than this run; it cannot start it")
+    sd = {k: v for k, v in load_file(str(f)).items() if not k.startswith("image.backbone.")}
+    own = model.state_dict()
+    bad = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
+    missing = sorted(k for k in own if not k.startswith("image.backbone.") and k not in sd
+                     and k not in model._external_keys())
+    if bad or missing:
+        raise ValueError(f"init: {d} does not fit this run's model: unexpected or mis-shaped {bad[:6]}, "
+                         f"missing {missing[:6]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    logger.info("warm start from %s (%d tensors, image backbone excluded)", d, len(sd))
+
+
 @torch.inference_mode()
 def extract_features(model, images: np.ndarray, both_flips: bool, batch_size: int = 64) -> torch.Tensor:
     """Pooled tower features of every image (and of its mirror image): (N, 1|2, g*g, C) float16."""
@@ -428,6 +456,8 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
             g["lr"] = g["base_lr"] = cfg.lr
     else:
         model = build_model(cfg, records)
+        if cfg.init:
+            init_from(model, cfg.init)
         sampler = StepSampler(images, records, cfg, list(model.config.answers))
         if cfg.stage == "decoder":
             load_tower(model, cfg.tower)
@@ -501,7 +531,7 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.time() - t_start
-        rec = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "time": elapsed}
+        rec = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "time": elapsed}
         rec.update({k: float(v) for k, v in losses.items()})
         history.append(rec)
         bar.update(1)
