@@ -16,6 +16,8 @@ Recipe (LiT with the towers' roles swapped: the text side is locked):
    from scratch, or with an image-level attribute loss, the tower learned time of day and weather within a few
    hundred steps but stayed at chance on traffic lights, signs and vehicle colours after 800 steps (their
    heads are a few pixels at 128 px); per-cell supervision is what makes them learnable on a CPU budget.
+   ``tower_init`` starts the stage from an existing tower (a mini-clip folder or a stage-1
+   ``tower.safetensors``) instead of random weights, to train a tower further on more images.
 3. Texts: for each image, ``captions_per_image`` of its SynthDrive captions (the first, which states every fact,
    and others drawn at random) plus ``phrases_per_image`` short query-style phrases generated from its
    ``attributes`` by :func:`attribute_phrases` ("a red car at night", "people crossing the street in the

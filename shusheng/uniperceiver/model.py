@@ -155,14 +155,14 @@ def pad_ids(seqs: list[list[int]], pad: int, min_len: int = 0) -> tuple[torch.Te
 
 
 def build_backbone(name: str, args: dict[str, Any] | None = None) -> nn.Module:
-    """A headless image tower by name: ``"shusheng-mini-clip-tower"`` (the dense-pretrained mini-clip tower,
-    :class:`~shusheng.retrieval_index.miniclip.DenseTowerBackbone`), the ``shusheng.backbone`` registry, then
-    timm."""
+    """A headless image tower by name: ``"shusheng-mini-clip-tower"`` (the architecture of the dense-pretrained
+    mini-clip tower, :class:`~shusheng.retrieval_index.miniclip.DenseTowerBackbone`; its weights come from the
+    checkpoint or a tower run), the ``shusheng.backbone`` registry, then timm."""
     from shusheng.backbone import create_model, list_models
 
     args = dict(args or {})
     args.setdefault("num_classes", 0)
-    if name == "shusheng-mini-clip-tower":  # the dense-pretrained tower of shusheng-mini-clip (weights: load_tower)
+    if name == "shusheng-mini-clip-tower":  # architecture only; weights from the checkpoint or load_tower
         from shusheng.retrieval_index.miniclip import DenseTowerBackbone
 
         return DenseTowerBackbone(**args)
