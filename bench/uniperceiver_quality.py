@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=None, help="a written copy of the test split (default: render it)")
     parser.add_argument("--n", type=int, default=1000, help="test images (the fixed set has 1000)")
     parser.add_argument("--gen-images", type=int, default=300, help="images for the open-generation VQA score")
-    parser.add_argument("--beams", type=int, default=2)
+    parser.add_argument("--beams", type=int, default=1, help="caption beam width (1 = greedy)")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest generated caption in tokens")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", default="bench/results")

@@ -81,3 +81,26 @@ def test_warm_start_copies_everything_but_the_image_backbone(full_run, tmp_path)
         tu.init_from(tu.build_model(tiny_cfg(tmp_path / "w2", d_model=64), records), out / "final")
     with pytest.raises(FileNotFoundError, match="not a UniPerceiver folder"):
         tu.init_from(model, tmp_path)
+
+
+def test_caption_full_p_picks_the_complete_caption_and_leaves_other_draws_alone():
+    cfg = tiny_cfg("unused", n_train=16, batch_size=16)
+    _, records = tu.load_synthdrive(None, cfg.n_train, cfg.image_size)
+    images = torch.zeros(len(records), cfg.image_size, cfg.image_size, 3, dtype=torch.uint8).numpy()
+    answers = tu.synthdrive_answers()
+    plain = tu.StepSampler(images, records, cfg, answers)
+    always = tu.StepSampler(images, records, tiny_cfg("unused", n_train=16, batch_size=16, caption_full_p=1.0),
+                            answers)
+    half = tu.StepSampler(images, records, tiny_cfg("unused", n_train=16, batch_size=16, caption_full_p=0.5),
+                          answers)
+    n_full_plain = n_full_half = 0
+    for step in range(6):
+        a, b, c = plain(step), always(step), half(step)
+        assert b["captions"] == [r["captions"][0] for r in b["records"]]
+        # the option has its own random stream: everything else in the batch is drawn as before
+        assert a["questions"] == b["questions"] and a["retrieval_texts"] == b["retrieval_texts"]
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["flip"], b["flip"])
+        n_full_plain += sum(cap == r["captions"][0] for cap, r in zip(a["captions"], a["records"]))
+        n_full_half += sum(cap == r["captions"][0] for cap, r in zip(c["captions"], c["records"]))
+    # uniform over five captions: about 1/5 complete ones; with p = 0.5: 0.5 + 0.5/5 = 0.6 of 96 draws
+    assert n_full_plain < 35 < 45 < n_full_half

@@ -24,7 +24,7 @@ def sample_images(n: int = 6, size: int = 128) -> list[Any]:
     return [sd.sample(sd.TEST_SEED, i, size)[0] for i in range(n)]
 
 
-def caption_image(pipeline_caption, image, num_beams: int = 2) -> str:
+def caption_image(pipeline_caption, image, num_beams: int = 1) -> str:
     """Caption text with its score, or a message when there is no image."""
     if image is None:
         return "Upload or pick an image first."
@@ -63,7 +63,7 @@ def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | Non
                 gallery = gr.Gallery(value=samples, label="Samples (click one)", columns=6, height=120,
                                      allow_preview=False)
             with gr.Column():
-                beams = gr.Slider(1, 5, value=2, step=1, label="Beam width")
+                beams = gr.Slider(1, 5, value=1, step=1, label="Beam width (1 = greedy)")
                 caption_btn = gr.Button("Caption", variant="primary")
                 caption = gr.Textbox(label="Caption", interactive=False)
                 question = gr.Textbox(label="Question", placeholder="Is the traffic light red?")

@@ -88,6 +88,10 @@ class UniPerceiverTrainConfig:
     weight_decay: float = 0.05
     clip_grad: float = 1.0
     w_caption: float = 1.0
+    # probability that the caption target is the first, complete caption (every fact of the scene) instead of
+    # one of the five drawn uniformly: the generated caption's style follows the mode of its targets, and a
+    # caption that states everything it sees is what users (and CIDEr-D against five paraphrases) reward
+    caption_full_p: float = 0.0
     w_vqa: float = 1.0
     w_vqa_gen: float = 0.5
     w_retrieval: float = 0.5
@@ -192,6 +196,9 @@ class StepSampler:
             x = (torch.where(flip[:, None, None, None], x.flip(-1), x) - self.mean) / self.std
         recs = [self.records[i] for i in idx]
         captions = [r["captions"][int(rng.integers(len(r["captions"])))] for r in recs]
+        if cfg.caption_full_p > 0:  # own stream: the draws above (and resumes of older runs) are unchanged
+            full = np.random.default_rng([cfg.seed, 2_000_003, step]).random(len(recs)) < cfg.caption_full_p
+            captions = [r["captions"][0] if f else c for r, c, f in zip(recs, captions, full)]
         retrieval = [r["captions"][int(rng.integers(len(r["captions"])))] for r in recs]
         questions, answers = [], []
         for r in recs:

@@ -22,7 +22,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_caption_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--beams", type=int, default=2, help="beam width (1 = greedy)")
+    p.add_argument("--beams", type=int, default=1, help="beam width (1 = greedy, the default: it scores best)")
     p.add_argument("--max-tokens", type=int, default=64,
                    help="longest caption in tokens (at most the model's max_text_len)")
 

@@ -2,7 +2,7 @@
 
     >>> from shusheng.uniperceiver import CaptionPipeline, VQAPipeline
     >>> cap = CaptionPipeline.from_pretrained()                 # bundled shusheng-mini-uniperceiver
-    >>> out = cap(["a.png", "b.png"], num_beams=2)
+    >>> out = cap(["a.png", "b.png"])                  # greedy; num_beams > 1: beam search
     >>> out.captions, out.scores
     >>> vqa = VQAPipeline(cap.model)                            # the same model answers questions
     >>> vqa(["a.png"], "Is there a red car?").answers
@@ -148,14 +148,15 @@ class CaptionPipeline(_Pipeline):
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
 
-    def __call__(self, images: Any, max_new_tokens: int = 64, num_beams: int = 2, length_penalty: float = 0.0,
+    def __call__(self, images: Any, max_new_tokens: int = 64, num_beams: int = 1, length_penalty: float = 0.0,
                  batch_size: int = 64) -> CaptionOutput:
         """Caption images.
 
         Args:
             images: one image or a list (paths, bytes, file objects, PIL images).
             max_new_tokens: longest caption in tokens.
-            num_beams: 1 = greedy; more = beam search.
+            num_beams: 1 = greedy (the default: with the bundled model it scores higher CIDEr-D than beam
+                search, which prefers shorter captions); more = beam search.
             length_penalty: beams are ranked by ``logprob / len**length_penalty``.
             batch_size: images per forward pass.
 
