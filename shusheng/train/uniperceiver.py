@@ -539,7 +539,7 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
         step += 1
         elapsed = time.time() - t_start
         rec = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "time": elapsed}
-        rec.update({k: float(v) for k, v in losses.items()})
+        rec.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()})
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('vqa_acc', rec.get('tag_acc', 0)):.2f}")
