@@ -88,16 +88,16 @@ class UniPerceiverTrainConfig:
     weight_decay: float = 0.05
     clip_grad: float = 1.0
     w_caption: float = 1.0
-    # probability that the caption target is the first, complete caption (every fact of the scene) instead of
-    # one of the five drawn uniformly: the generated caption's style follows the mode of its targets, and a
-    # caption that states everything it sees is what users (and CIDEr-D against five paraphrases) reward
-    caption_full_p: float = 0.0
     w_vqa: float = 1.0
     w_vqa_gen: float = 0.5
     w_retrieval: float = 0.5
     w_cls: float = 0.5
     answer_pool: int = 96  # answers matched per step (the batch's + random others); 0 = all of them
     question_drop: float = 0.1  # probability of replacing a question word by [MASK]
+    # probability that the caption target is the first, complete caption (every fact of the scene) instead of
+    # one of the five drawn uniformly: the generated caption's style follows the mode of its targets, and a
+    # caption that states everything it sees is what users (and CIDEr-D against five paraphrases) reward
+    caption_full_p: float = 0.0
     hflip: bool = True
     seed: int = 0
     save_every: int = 50

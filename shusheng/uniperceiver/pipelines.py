@@ -2,7 +2,7 @@
 
     >>> from shusheng.uniperceiver import CaptionPipeline, VQAPipeline
     >>> cap = CaptionPipeline.from_pretrained()                 # bundled shusheng-mini-uniperceiver
-    >>> out = cap(["a.png", "b.png"])                  # greedy; num_beams > 1: beam search
+    >>> out = cap(["a.png", "b.png"])                           # greedy; num_beams > 1: beam search
     >>> out.captions, out.scores
     >>> vqa = VQAPipeline(cap.model)                            # the same model answers questions
     >>> vqa(["a.png"], "Is there a red car?").answers
