@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def resolve_tokenizer_path(name: str) -> str:
     return name
 
 
+_INNER_MARK = re.compile(r"(?<=[^\W_]) ([-/]) (?=[^\W_])")   # give - way, km / h
+_TIME = re.compile(r"(?<=\d) ?: (?=\d\d\b)")                   # 5 : 30
+
+
+def _rejoin_punctuation(text: str) -> str:
+    """Undo the spaces a WordPiece decode puts around marks that sit inside words: hyphens and slashes between
+    letters or digits, clock times, brackets, and the semicolons and colons ``clean_up_tokenization_spaces``
+    misses. Caption metrics (coco-caption's PTB tokenizer) read "give-way" as one word and "give - way" as two."""
+    text = _INNER_MARK.sub(r"\1", text)
+    text = _TIME.sub(":", text)
+    text = text.replace(" ;", ";").replace(" :", ":").replace("( ", "(").replace(" )", ")")
+    return text.strip()
+
+
 class TextTokenizer:
     """Strings -> token ids with a Hugging Face tokenizer (no special tokens added; EOS appended on request).
 
@@ -84,6 +99,11 @@ class TextTokenizer:
         self.mask_id = self.hf.mask_token_id
         self.vocab_size = len(self.hf)
         self._special = set(self.hf.all_special_ids)
+        # WordPiece (BERT) tokenizers split every punctuation mark off and forget the spacing, so their decode
+        # gives "give - way" for "give-way"; byte-level BPE keeps the spacing and needs no repair.
+        probe = self.hf.decode(self.hf("give-way", add_special_tokens=False)["input_ids"],
+                               clean_up_tokenization_spaces=True)
+        self._splits_punctuation = probe.strip().lower() != "give-way"
 
     def encode(self, texts: list[str], max_len: int | None = None, eos: bool = False) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_len`` (counting the EOS when ``eos``)."""
@@ -101,7 +121,7 @@ class TextTokenizer:
             ids = ids[:ids.index(self.eos_id)]
         text = self.hf.decode([i for i in ids if i not in self._special], skip_special_tokens=True,
                               clean_up_tokenization_spaces=True)
-        return text.replace(" ;", ";").replace(" :", ":").replace(" / ", "/").strip()
+        return _rejoin_punctuation(text) if self._splits_punctuation else text.strip()
 
 
 class TextEmbedding(nn.Module):
