@@ -174,26 +174,29 @@ def test_decode_gives_back_words_with_inner_punctuation(tok):
 
 # ---------------------------------------------------------------------------------------------------- training
 
-# Opt-in: it passed here but failed once in a clean-clone CI run on a loaded machine (one of eight captions wrong
-# after the fixed step budget), so it is not yet reliable enough for the default run.
-@pytest.mark.slow
 def test_overfits_eight_captions_and_reproduces_them(tok):
+    # trains until greedy decoding gives back all eight captions, checked every 25 steps once the loss is low; a
+    # fixed step budget was flaky (a near-tie left one caption one word off on a loaded machine)
     m = tiny_model(tok, seed=0).train()
     x = images(8)
+    want = [c.lower() for c in CAPTIONS]
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
-    for _step in range(400):
+    texts, reproduced_at = [], None
+    for step in range(1, 601):
         loss = m.losses(x, CAPTIONS)["caption"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 0.02:
-            break
-    assert loss.item() < 0.1, f"caption loss {loss.item():.3f} after {_step + 1} steps"
-    m.eval()
-    with torch.no_grad():
-        gen = greedy_decode(m, m.prefix(m.image_tokens(x)), 16)
-    texts = [m.tokenizer.decode(t) for t in gen.tokens]
-    assert texts == [c.lower() for c in CAPTIONS], texts
+        if step % 25 == 0 and loss.item() < 0.1:
+            m.eval()
+            with torch.no_grad():
+                gen = greedy_decode(m, m.prefix(m.image_tokens(x)), 16)
+            m.train()
+            texts = [m.tokenizer.decode(t) for t in gen.tokens]
+            if texts == want:
+                reproduced_at = step
+                break
+    assert reproduced_at is not None, f"caption loss {loss.item():.3f} after {step} steps; decodes {texts}"
 
 
 def test_multitask_losses_are_finite_and_reach_every_part(tok):
