@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from shusheng.backbone import count_components
     from shusheng.data import synthdrive as sd
-    from shusheng.retrieval_index.miniclip import MiniClip, count_components, load_bundled
+    from shusheng.miniclip import MiniClip, load_bundled
     from shusheng.train.clip import load_tower_init
 
     torch.set_grad_enabled(False)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from shusheng.data import synthdrive as sd
-    from shusheng.retrieval_index.miniclip import MiniClip, load_bundled
+    from shusheng.miniclip import MiniClip, load_bundled
     from shusheng.train.clip import (
         PARAPHRASE_QUERIES,
         PLAIN_QUERIES,

@@ -19,7 +19,8 @@ pytest.importorskip("open_clip")
 pytest.importorskip("accelerate")
 
 from shusheng.data import synthdrive as sd  # noqa: E402
-from shusheng.retrieval_index.miniclip import MiniClip, MiniLMTextEncoder, load_bundled  # noqa: E402
+from shusheng.miniclip import MiniClip, load_bundled
+from shusheng.text_encoders import MiniLMTextEncoder  # noqa: E402
 from shusheng.train import clip as train_clip  # noqa: E402
 
 TINY = dict(channels=8, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8), mlp_ratio=2.0, image_size=64)
@@ -365,7 +366,7 @@ def test_bundled_weights_rank_true_captions_first(text_encoder):
 
 
 def test_detector_needs_a_dense_head(text_encoder):
-    from shusheng.retrieval_index.miniclip import DenseObjectDetector
+    from shusheng.detection import DenseObjectDetector
 
     with pytest.raises(ValueError, match="dense object head"):
         DenseObjectDetector(tiny_model(text_encoder))
@@ -384,7 +385,7 @@ def _overlap(a, b) -> float:
 
 @pytest.mark.skipif(not _bundled_present(), reason="bundled shusheng-mini-clip weights not present")
 def test_bundled_dense_head_detects_vehicles_and_maps_boxes_to_the_image():
-    from shusheng.retrieval_index.miniclip import DenseObjectDetector
+    from shusheng.detection import DenseObjectDetector
 
     det = DenseObjectDetector(load_bundled())
     hit, total = 0, 0
@@ -423,13 +424,13 @@ def test_index_cli_detect_adds_region_entries(tmp_path, capsys):
 
 
 def test_dense_tower_backbone_tokens_and_weights(text_encoder):
-    from shusheng.retrieval_index.miniclip import DenseTowerBackbone
-    from shusheng.uniperceiver.model import build_backbone
+    from shusheng.backbone import DenseTowerBackbone, create_backbone
+    from shusheng.miniclip import tower_backbone
 
     torch.manual_seed(0)
     model = MiniClip(text_encoder=text_encoder, dcn_backend="reference", num_dense_labels=len(sd.DENSE_LABELS),
                      dense_dim=16, **TINY)
-    bb = DenseTowerBackbone.from_miniclip(model, grid=2)
+    bb = tower_backbone(model, grid=2)
     assert bb.num_features == 16 + len(sd.DENSE_LABELS) and not hasattr(bb.tower, "proj")
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -443,14 +444,15 @@ def test_dense_tower_backbone_tokens_and_weights(text_encoder):
     # the Uni-Perceiver builds it by name, headless, with the same weight names
     args = {k: v for k, v in model.config.to_dict().items() if k in ("channels", "depths", "groups", "mlp_ratio",
                                                                        "num_dense_labels", "dense_dim", "image_size")}
-    built = build_backbone("shusheng-mini-clip-tower", {"grid": 2, **args})
+    built = create_backbone("shusheng-mini-clip-tower", grid=2, **args)
     assert set(built.state_dict()) == set(bb.state_dict())
     with pytest.raises(ValueError, match="dense head"):
         DenseTowerBackbone(grid=2, **{**args, "num_dense_labels": 0})
 
 
 def test_count_components_matches_the_detector_grouping():
-    from shusheng.retrieval_index.miniclip import _components, count_components
+    from shusheng.backbone.dense_tower import components as _components
+    from shusheng.backbone.dense_tower import count_components
 
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(6, 5, 9, 7, generator=g) < 0.5
@@ -465,13 +467,14 @@ def test_count_components_matches_the_detector_grouping():
 
 
 def test_dense_tower_backbone_summary_channels(text_encoder):
-    from shusheng.retrieval_index.miniclip import DenseTowerBackbone, count_components
+    from shusheng.backbone import count_components
+    from shusheng.miniclip import tower_backbone
 
     torch.manual_seed(0)
     n = len(sd.DENSE_LABELS)
     model = MiniClip(text_encoder=text_encoder, dcn_backend="reference", num_dense_labels=n, dense_dim=16, **TINY)
-    plain = DenseTowerBackbone.from_miniclip(model, grid=2)
-    bb = DenseTowerBackbone.from_miniclip(model, grid=2, summary=True)
+    plain = tower_backbone(model, grid=2)
+    bb = tower_backbone(model, grid=2, summary=True)
     assert bb.num_features == 16 + 3 * n
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():

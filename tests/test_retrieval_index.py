@@ -683,7 +683,7 @@ def test_several_folders_share_one_index(tmp_path):
 def test_mini_clip_checkpoint_through_the_registry(photos, tmp_path):
     """``create_embedder("shusheng-mini-clip", checkpoint=DIR)`` loads a save_pretrained folder (a tiny random
     model here) and it works end to end with ingest and search."""
-    miniclip = pytest.importorskip("shusheng.retrieval_index.miniclip")
+    miniclip = pytest.importorskip("shusheng.miniclip")
     model = miniclip.MiniClip({"channels": 8, "depths": [1, 1, 1, 1], "groups": [1, 2, 2, 4], "image_size": 32})
     model.save_pretrained(tmp_path / "mc")
     emb = emb_mod.create_embedder("shusheng-mini-clip", checkpoint=tmp_path / "mc", device="cpu")

@@ -146,7 +146,7 @@ def test_inputs_and_targets_share_the_encoder(tok):
 
 def test_minilm_layers_match_transformers(tok):
     transformers = pytest.importorskip("transformers")
-    from shusheng.uniperceiver.tokenizers import minilm_path
+    from shusheng.text_encoders import minilm_path
 
     m = UniPerceiver(backbone="internimage_test", backbone_args={"channels": 8}, image_size=64, n_layers=1,
                      answers=["yes"], tokenizer=tok)

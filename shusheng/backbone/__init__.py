@@ -1,4 +1,5 @@
-"""Backbones: InternImage (T/S/B/L/XL/H/G and a tiny test variant) with official-checkpoint loading.
+"""Backbones: InternImage (T/S/B/L/XL/H/G and a tiny test variant) with official-checkpoint loading, dense
+towers, and ``create_backbone(name)``: the one factory every model family builds its image tower with.
 
     >>> from shusheng.backbone import create_model
     >>> model = create_model("internimage_t")                        # random init
@@ -17,6 +18,8 @@ from shusheng.backbone.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
+from shusheng.backbone.dense_tower import DenseTower, DenseTowerBackbone, count_components
+from shusheng.backbone.factory import create_backbone, list_backbones, register_tower
 from shusheng.backbone.flops import count_flops, flop_breakdown
 from shusheng.backbone.internimage import InternImage, InternImageConfig, checkpoint_filter_fn, default_cfgs
 from shusheng.backbone.registry import (
@@ -31,22 +34,28 @@ from shusheng.backbone.registry import (
 
 __all__ = [
     "CheckpointMismatchError",
+    "DenseTower",
+    "DenseTowerBackbone",
     "InternImage",
     "InternImageConfig",
     "LoadReport",
     "PretrainedWeightsNotFound",
     "checkpoint_filter_fn",
+    "count_components",
     "count_flops",
+    "create_backbone",
     "create_model",
     "default_cfgs",
     "filter_state_dict",
     "flop_breakdown",
     "is_model",
+    "list_backbones",
     "list_models",
     "load_checkpoint",
     "model_entrypoint",
     "read_checkpoint",
     "register_model",
+    "register_tower",
     "register_timm_models",
     "resolve_data_config",
 ]

@@ -150,7 +150,8 @@ def _run_index(args: argparse.Namespace) -> int:
 
     detector = None
     if args.detect:
-        from shusheng.retrieval_index.miniclip import MODEL_NAME, DenseObjectDetector, MiniClip, load_bundled
+        from shusheng.detection import DenseObjectDetector
+        from shusheng.miniclip import MODEL_NAME, MiniClip, load_bundled
 
         own = args.checkpoint and (args.embedder or MODEL_NAME) == MODEL_NAME and Path(args.checkpoint).is_dir()
         model = MiniClip.from_pretrained(args.checkpoint, device=args.device) if own else load_bundled(args.device)

@@ -3,7 +3,7 @@
 Any object with the :class:`Embedder` shape works with the index (a ``typing.Protocol``, nothing to inherit).
 Two families are built in and reachable by name through :func:`create_embedder`:
 
-* ``"shusheng-mini-clip"`` — the bundled dual encoder (``shusheng.retrieval_index.miniclip``), trained on
+* ``"shusheng-mini-clip"`` — the bundled dual encoder (``shusheng.miniclip``), trained on
   SynthDrive; ``checkpoint=DIR`` swaps in another ``save_pretrained`` folder of the same model.
 * ``"open_clip:<arch>"`` (or a bare open_clip architecture name such as ``"ViT-B-32"``) — any open_clip model,
   wrapped by :class:`OpenClipEmbedder`. Weights always come from a local file given as ``checkpoint``; nothing is
@@ -126,7 +126,7 @@ def create_embedder(name: str = DEFAULT_EMBEDDER, checkpoint: str | os.PathLike 
 
 @register_embedder(DEFAULT_EMBEDDER)
 def _shusheng_mini_clip(checkpoint: str | os.PathLike | None = None, device: str | None = None) -> Embedder:
-    from shusheng.retrieval_index import miniclip
+    from shusheng import miniclip
 
     if checkpoint is None:
         return miniclip.load_bundled(device=device)

@@ -82,7 +82,7 @@ class ClipConfig:
     train_size: int = 16_000
     val_size: int = 1000
     image_size: int = 128
-    # model (shusheng.retrieval_index.miniclip.MiniClipConfig)
+    # model (shusheng.miniclip.MiniClipConfig)
     channels: int = 32
     depths: tuple[int, ...] = (1, 1, 3, 1)
     groups: tuple[int, ...] = (2, 4, 8, 16)
@@ -874,7 +874,8 @@ def train(cfg: ClipConfig) -> dict:
     from tqdm.auto import tqdm
 
     from shusheng.data import synthdrive as sd
-    from shusheng.retrieval_index.miniclip import MiniClip, MiniLMTextEncoder
+    from shusheng.miniclip import MiniClip
+    from shusheng.text_encoders import MiniLMTextEncoder
 
     if cfg.train_seed in (sd.VAL_SEED, sd.TEST_SEED):
         raise ValueError(f"train_seed {cfg.train_seed} is reserved for the val/test split; use {sd.TRAIN_SEED} or "

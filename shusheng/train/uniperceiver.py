@@ -353,9 +353,9 @@ class TowerTagger(torch.nn.Module):
 
     def __init__(self, backbone: str, backbone_args: dict[str, Any], grid: int):
         super().__init__()
-        from shusheng.uniperceiver.model import build_backbone
+        from shusheng.backbone import create_backbone
 
-        self.backbone = build_backbone(backbone, backbone_args)
+        self.backbone = create_backbone(backbone, **backbone_args)
         self.grid = grid
         self.groups = _tag_groups()
         c = self.backbone.num_features

