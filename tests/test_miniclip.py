@@ -94,9 +94,10 @@ def test_save_from_pretrained_round_trip(text_encoder, scenes, tmp_path):
     assert not (tmp_path / "fp32" / "model.safetensors").read_bytes().count(b"text_encoder.")
 
     cfg = json.loads((tmp_path / "fp32" / "config.json").read_text())
-    assert cfg["pretrained_cfg"]["input_size"] == [3, 64, 64]
-    assert cfg["pretrained_cfg"]["interpolation"] == "bicubic"
-    assert len(cfg["pretrained_cfg"]["mean"]) == 3 and len(cfg["pretrained_cfg"]["std"]) == 3
+    assert cfg["model_type"] == "miniclip" and cfg["config"]["image_size"] == 64
+    assert cfg["preprocess"]["size"] == 64 and cfg["preprocess"]["resize"] == "shorter_crop"
+    assert cfg["preprocess"]["interpolation"] == "bicubic"
+    assert len(cfg["preprocess"]["mean"]) == 3 and len(cfg["preprocess"]["std"]) == 3
 
     model.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
     half = MiniClip.from_pretrained(tmp_path / "fp16", text_encoder=text_encoder, dcn_backend="reference")

@@ -228,7 +228,15 @@ def test_save_load_round_trip(tok, tmp_path):
         pre, pre2 = m.prefix(m.image_tokens(x)), m2.prefix(m2.image_tokens(x))
         assert greedy_decode(m, pre, 8).tokens == greedy_decode(m2, pre2, 8).tokens
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["preprocessing"]["input_size"] == [3, 64, 64]
+    assert cfg["model_type"] == "uniperceiver" and cfg["config"]["image_size"] == 64
+    assert cfg["preprocess"]["size"] == 64 and cfg["preprocess"]["resize"] == "squash"
+    # composite: the backbone lives in its own folder and loads alone
+    from shusheng.backbone import InternImage
+
+    assert cfg["components"] == {"backbone": "image.backbone"}
+    bb = InternImage.from_pretrained(tmp_path / "m" / "backbone").eval()
+    with torch.no_grad():
+        assert torch.equal(bb.forward_features(x), m.image.backbone.forward_features(x))
 
 
 def test_frozen_minilm_embeddings_are_not_written(tok, tmp_path):

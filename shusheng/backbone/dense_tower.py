@@ -10,6 +10,7 @@ counts 4-connected objects in the dense maps, batched.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shusheng.backbone.internimage import InternImage
+from shusheng.modeling import Preprocess, PretrainedMixin
 
 __all__ = ["DenseTower", "DenseTowerBackbone", "components", "count_components"]
 
@@ -137,7 +139,7 @@ def count_components(mask: torch.Tensor) -> torch.Tensor:
     return ((ids == own) & m).flatten(1).sum(1).reshape(lead)
 
 
-class DenseTowerBackbone(nn.Module):
+class DenseTowerBackbone(PretrainedMixin, nn.Module):
     """A dense tower (e.g. the mini-clip image tower) as a ``forward_features`` backbone for other models (the Uni-Perceiver's image
     tokenizer): ``(B, 3, S, S)`` → ``(B, dense_dim + L, grid, grid)`` (``dense_dim + 3 L`` with ``summary``), the
     fused stride-8 map average-pooled and the dense-head probabilities max-pooled to a ``grid x grid`` map ("is
@@ -169,6 +171,9 @@ class DenseTowerBackbone(nn.Module):
         super().__init__()
         if num_classes:
             raise ValueError("DenseTowerBackbone is headless: num_classes must be 0")
+        self._args = dict(grid=grid, summary=summary, channels=channels, depths=list(depths), groups=list(groups),
+                          mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_dense_labels=num_dense_labels,
+                          dense_dim=dense_dim, image_size=image_size)
         if num_dense_labels <= 0:
             raise ValueError("DenseTowerBackbone needs a tower with a dense head (num_dense_labels > 0)")
         # the embedding projection is not part of this backbone (embed_dim=None)
@@ -187,3 +192,17 @@ class DenseTowerBackbone(nn.Module):
             stats = torch.cat([prob.amax((2, 3)), count_components(prob >= 0.5).to(prob.dtype)], 1)  # (B, 2L)
             parts.append(stats[:, :, None, None].expand(-1, -1, self.grid, self.grid))
         return torch.cat(parts, dim=1)
+
+    # -- persistence (shusheng.modeling.PretrainedMixin) ---------------------------------------------------
+
+    model_type = "dense-tower-backbone"
+
+    def preprocess_config(self) -> Preprocess:
+        return Preprocess(size=self.image_size, resize="squash", interpolation="bicubic")
+
+    def _config_dict(self) -> dict[str, Any]:
+        return dict(self._args)
+
+    @classmethod
+    def _build(cls, config: dict[str, Any], **overrides: Any) -> DenseTowerBackbone:
+        return cls(**{**config, **overrides})

@@ -17,7 +17,6 @@ block and level keeps; the public outputs (``forward_features``, ``forward_inter
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -37,14 +36,15 @@ from shusheng.backbone.checkpoint import (
     load_checkpoint,
 )
 from shusheng.backbone.registry import register_model
+from shusheng.modeling import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_NAME, Preprocess, PretrainedMixin
 from shusheng.ops import BACKENDS, DCNv3, build_act_layer, build_norm_layer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["InternImage", "InternImageConfig", "checkpoint_filter_fn", "default_cfgs"]
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGENET_DEFAULT_MEAN = IMAGENET_MEAN
+IMAGENET_DEFAULT_STD = IMAGENET_STD
 
 # core_op names of the official code -> shusheng.ops DCNv3 backend (None = fastest available on the device).
 CORE_OPS = {"DCNv3": None, "DCNv3_pytorch": "reference"}
@@ -479,7 +479,7 @@ def _take_indices(num_levels: int, indices: int | list[int] | tuple[int, ...] | 
     return take, max(take)
 
 
-class InternImage(nn.Module):
+class InternImage(PretrainedMixin, nn.Module):
     """InternImage classifier / backbone with the official module names and timm's model interface.
 
     Build it with the official keyword names (``InternImage(channels=64, depths=[4, 4, 18, 4], ...)``), from an
@@ -501,6 +501,9 @@ class InternImage(nn.Module):
     views of them (shape NCHW, ``torch.channels_last`` memory layout), which convolutions consume without a copy;
     call ``.contiguous()`` before ``.view()``.
     """
+
+    model_type = "internimage"
+    config_class = InternImageConfig
 
     def __init__(self, config: InternImageConfig | Mapping[str, Any] | None = None, **kwargs):
         super().__init__()
@@ -718,55 +721,44 @@ class InternImage(nn.Module):
         self._pruned = True
         return take
 
-    # -- persistence --------------------------------------------------------------------------------------
+    # -- persistence (shusheng.modeling.PretrainedMixin) ---------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (constructor args + ``pretrained_cfg``) to a folder.
+    def preprocess_config(self) -> Preprocess:
+        return Preprocess.from_timm(self.pretrained_cfg)
 
-        The folder loads back with ``InternImage.from_pretrained`` (and, for registered variants, with
-        ``timm.create_model("local-dir:<folder>", pretrained=True)``). Nothing is pickled.
-        """
-        from safetensors.torch import save_file
-
+    def _config_dict(self) -> dict[str, Any]:
         if self._pruned:
             raise ValueError("a model changed by prune_intermediate_layers cannot be rebuilt from its config; "
                              "save its state_dict instead")
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        args = replace(self.config, num_classes=self.num_classes, with_cp=self.grad_checkpointing).to_dict()
+        return replace(self.config, num_classes=self.num_classes, with_cp=self.grad_checkpointing).to_dict()
+
+    def _extra_config(self) -> dict[str, Any]:
+        # timm reads these keys: timm.create_model("local-dir:<folder>", pretrained=True)
         pcfg = {k: v for k, v in self.pretrained_cfg.items() if k not in ("file", "state_dict", "source")}
         pcfg["num_classes"] = self.num_classes
-        config = {
-            "architecture": self.pretrained_cfg.get("architecture"),
-            "num_classes": self.num_classes,
-            "num_features": self.num_features,
-            "model_args": args,
-            "pretrained_cfg": pcfg,
-        }
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
-        return out
+        return {"architecture": self.pretrained_cfg.get("architecture"), "num_classes": self.num_classes,
+                "num_features": self.num_features, "model_args": self._config_dict(), "pretrained_cfg": pcfg}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, strict: bool = True, **overrides) -> InternImage:
-        """Rebuild a model written by ``save_pretrained``; ``overrides`` replace constructor arguments.
+    def _legacy_config(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        if "model_args" not in raw:
+            return super()._legacy_config(raw)
+        pcfg = raw.get("pretrained_cfg") or {}
+        return {**raw, "model_type": cls.model_type, "config": raw["model_args"],
+                "preprocess": Preprocess.from_timm({**_cfg(), **pcfg}).to_dict()}
 
-        With ``num_classes`` overridden to a different count the saved classifier is dropped (see
-        ``load_checkpoint``).
-        """
-        d = Path(directory)
-        cfg_file = d / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} not found: {d} is not a folder written by save_pretrained")
-        config = json.loads(cfg_file.read_text())
-        model = cls(InternImageConfig.from_any(config.get("model_args", {}), **overrides))
-        weights = d / "model.safetensors"
-        load_checkpoint(model, weights, strict=strict)
-        pcfg = dict(config.get("pretrained_cfg") or {})
-        pcfg.update(file=str(weights), source="local-dir", num_classes=model.num_classes)
-        model.pretrained_cfg = {**_cfg(), **pcfg}
-        return model
+    @classmethod
+    def _build(cls, config: dict[str, Any], **overrides: Any) -> InternImage:
+        return cls(InternImageConfig.from_any(config, **overrides))
+
+    def _load_state(self, state: dict[str, torch.Tensor], strict: bool, source: Path) -> None:
+        # load_checkpoint: official-key remapping and a new classifier when num_classes was overridden
+        load_checkpoint(self, state, strict=strict)
+
+    def _after_load(self, meta: dict[str, Any], directory: Path) -> None:
+        pcfg = dict(meta.get("pretrained_cfg") or {})
+        pcfg.update(file=str(directory / WEIGHTS_NAME), source="local-dir", num_classes=self.num_classes)
+        self.pretrained_cfg = {**_cfg(), **pcfg}
 
 
 # --------------------------------------------------------------------------------------------------------

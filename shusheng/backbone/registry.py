@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from shusheng.modeling import IMAGENET_MEAN, IMAGENET_STD
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["create_model", "is_model", "list_models", "model_entrypoint", "register_model",
@@ -93,8 +95,8 @@ def resolve_data_config(model: nn.Module) -> dict[str, Any]:
     return dict(
         input_size=tuple(cfg.get("input_size", (3, 224, 224))),
         interpolation=cfg.get("interpolation", "bicubic"),
-        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
         crop_pct=cfg.get("crop_pct", 0.875),
         crop_mode=cfg.get("crop_mode", "center"),
     )

