@@ -109,7 +109,7 @@ def photos(tmp_path) -> Path:
 
 def _index_paths(index_dir: Path) -> list[str]:
     with Index.open(index_dir) as idx:
-        return sorted(r[0] for r in idx._conn.execute("SELECT path FROM files"))
+        return sorted(idx.paths_under("/"))
 
 
 # ------------------------------------------------------------------------------------------------ incremental
@@ -557,7 +557,7 @@ print("finished")
 def _count_files(index_dir: Path) -> int:
     try:
         with Index.open(index_dir) as idx:
-            return idx._conn.execute("SELECT count(*) FROM files").fetchone()[0]
+            return idx.stats()["files"]
     except IndexNotFoundError:  # not created yet (embedder.json is written last, once the schema exists)
         return 0
 
@@ -583,8 +583,8 @@ def test_kill_9_mid_ingest_keeps_last_commit_and_next_run_resumes(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     # the last committed state is readable: metadata and vectors agree, search works
     with Index.open(index_dir) as idx:
-        n_files = idx._conn.execute("SELECT count(*) FROM files").fetchone()[0]
-        n_entries = idx._conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+        stats = idx.stats()
+        n_files, n_entries = stats["files"], stats["entries"]
         assert 6 <= n_files < 30 and n_entries == n_files == idx.ntotal
         hits = idx.search(vector=np.ones(ColorEmbedder.dim, np.float32), k=100, embedder=ColorEmbedder())
         assert len(hits) == n_files
@@ -636,9 +636,9 @@ def test_choose_index_spec_rule():
 
 def test_switch_to_ivf_and_back(tmp_path, monkeypatch):
     """Crossing FLAT_MAX_ENTRIES retrains an IVF index from the stored vectors; search stays correct."""
-    import shusheng.retrieval_index.index as index_mod
+    import shusheng.retrieval_index.vectors as vectors_mod
 
-    monkeypatch.setattr(index_mod, "FLAT_MAX_ENTRIES", 400)
+    monkeypatch.setattr(vectors_mod, "FLAT_MAX_ENTRIES", 400)
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(20, 16)).astype(np.float32)
     vecs = centres[rng.integers(0, 20, 1200)] + 0.3 * rng.normal(size=(1200, 16)).astype(np.float32)
@@ -720,3 +720,123 @@ def test_unchanged_reindex_keeps_vector_file_trusted(tmp_path, caplog):
         with Index.open(idx_path):
             pass
     assert "behind" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ package root API
+def test_embedder_info_from_the_package_root(photos, tmp_path):
+    from shusheng.retrieval_index import EmbedderInfo, read_embedder_info
+
+    idx_dir = tmp_path / "idx"
+    index_folder(photos, idx_dir, ColorEmbedder(), checkpoint=tmp_path / "weights", progress=False)
+    info = read_embedder_info(idx_dir)
+    assert isinstance(info, EmbedderInfo)
+    assert (info.name, info.dim, info.checkpoint, info.format) == ("test-color", 12, str(tmp_path / "weights"), 1)
+    assert info.created and info.created[4] == "-" and "T" in info.created
+    # the on-disk record is unchanged: the same five keys, the same values
+    on_disk = json.loads((idx_dir / "embedder.json").read_text())
+    assert list(on_disk) == ["name", "dim", "checkpoint", "format", "created"] and info.to_dict() == on_disk
+    with Index.open(idx_dir) as idx:
+        assert idx.embedder_info == info and (idx.embedder_name, idx.dim) == (info.name, info.dim)
+    # reading it does not open the index: it works while a writer holds the lock, and from embedder.json alone
+    with Index.open(idx_dir, write=True, embedder=ColorEmbedder()):
+        assert read_embedder_info(idx_dir) == info
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(idx_dir / "embedder.json", alone)
+    assert read_embedder_info(alone) == info
+    # the index refuses what the record does not accept
+    assert info.accepts("test-color") and info.accepts("test-color", 12) and info.accepts(None)
+    assert not info.accepts("test-color", 13) and not info.accepts("other")
+    # missing and damaged records
+    with pytest.raises(IndexNotFoundError, match="no index"):
+        read_embedder_info(tmp_path / "nowhere")
+    assert read_embedder_info(tmp_path / "nowhere", missing_ok=True) is None
+    (alone / "embedder.json").write_text('{"dim": 12}')
+    with pytest.raises(ValueError, match="unreadable embedder record"):
+        read_embedder_info(alone)
+    # an index created without a checkpoint records null
+    index_folder(photos, tmp_path / "idx2", ColorEmbedder(), progress=False)
+    assert read_embedder_info(tmp_path / "idx2").checkpoint is None
+
+
+def test_resolve_index_path_from_the_package_root(photos, tmp_path, monkeypatch):
+    import shusheng.retrieval_index as ri
+    from shusheng.retrieval_index import DEFAULT_INDEX_DIRNAME, resolve_index_path
+
+    assert DEFAULT_INDEX_DIRNAME == ".shusheng-index"
+    own = photos / DEFAULT_INDEX_DIRNAME
+    assert resolve_index_path(photos) == photos  # nothing indexed yet: the path itself
+    assert resolve_index_path(own) == own  # by name, even before it exists
+    index_folder(photos, embedder=ColorEmbedder(), progress=False)
+    index_folder(photos, tmp_path / "elsewhere", ColorEmbedder(), progress=False)
+    assert resolve_index_path(photos) == own  # a collection folder holding its index
+    assert resolve_index_path(str(own)) == own
+    assert resolve_index_path(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # an index by its meta.sqlite
+    monkeypatch.chdir(photos)
+    assert resolve_index_path(None) == own and resolve_index_path(".") == own
+    monkeypatch.chdir(tmp_path)
+    assert resolve_index_path("photos") == own  # relative paths become absolute
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_index_path("~/photos") == own
+    with Index.open(resolve_index_path(photos)) as idx:
+        assert idx.path == own
+    from shusheng.retrieval_index import cli
+
+    assert cli.resolve_index_path is ri.resolve_index_path  # the old import path keeps working
+
+
+def test_path_and_record_helpers_import_light(photos, tmp_path):
+    """The UI finds an index and reads its embedder through the package root without numpy, FAISS, torch or the
+    command-line module."""
+    index_folder(photos, embedder=ColorEmbedder(), progress=False)
+    code = (f"import sys, shusheng.retrieval_index as ri\n"
+            f"p = ri.resolve_index_path({str(photos)!r})\n"
+            f"info = ri.read_embedder_info(p)\n"
+            f"assert issubclass(ri.IndexNotFoundError, ri.RetrievalIndexError)\n"
+            f"print(p, info.name, info.dim)\n"
+            f"print(sorted(m for m in ('numpy', 'faiss', 'torch', 'shusheng.retrieval_index.cli') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[-2] == f"{photos / '.shusheng-index'} test-color 12" and lines[-1] == "[]"
+
+
+def test_detector_protocol_objects_and_plain_callables(tmp_path):
+    """Anything with the shusheng.detection.Detector shape plugs into ingest and is recorded by its name; a new
+    name re-runs detection once; plain callables keep working."""
+    from shusheng.detection import Detector
+
+    class Boxes:
+        def __init__(self, name):
+            self.name, self.calls = name, 0
+
+        def detect(self, image):
+            return [{"box": [2, 2, 10, 8], "label": "thing", "score": 0.9}]
+
+        def __call__(self, image):
+            self.calls += 1
+            return [d["box"] for d in self.detect(image)]
+
+    d = tmp_path / "p"
+    _solid(d / "a.png", "red", square=(2, 2, 10, 8, "green"))
+    emb = ColorEmbedder()
+    v1 = Boxes("boxes-v1")
+    assert isinstance(v1, Detector)
+    r = index_folder(d, embedder=emb, detector=v1, progress=False)
+    assert (r.added, r.regions, v1.calls) == (1, 1, 1)
+    with Index.open(d / ".shusheng-index") as idx:
+        rec = idx.file_record(d / "a.png")
+        assert rec.detector == "boxes-v1" and idx.boxes_of(rec.id, "detector") == [(2, 2, 10, 8)]
+    index_folder(d, embedder=emb, detector=v1, progress=False)
+    assert v1.calls == 1  # same detector, unchanged file: not run again
+    v2 = Boxes("boxes-v2")
+    r = index_folder(d, embedder=emb, detector=v2, progress=False)
+    assert (v2.calls, r.updated, r.embedded) == (1, 1, 0)  # only the regions are redone
+
+    def plain(img):
+        return [[0, 0, 4, 4]]
+
+    r = index_folder(d, embedder=emb, detector=plain, progress=False)
+    with Index.open(d / ".shusheng-index") as idx:
+        rec = idx.file_record(d / "a.png")
+        assert rec.detector.endswith("plain") and idx.boxes_of(rec.id, "detector") == [(0, 0, 4, 4)]

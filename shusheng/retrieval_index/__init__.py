@@ -10,7 +10,19 @@ Quick start::
         for hit in index.search(text="a red car at night", k=5, threshold=0.2):
             print(f"{hit.score:.3f} {hit.path} {hit.box}")
 
-Everything here imports lazily: ``import shusheng.retrieval_index`` pulls in neither torch nor FAISS.
+Everything here imports lazily: ``import shusheng.retrieval_index`` pulls in neither torch nor FAISS, and
+``resolve_index_path``, ``read_embedder_info``/``EmbedderInfo`` and the errors not even numpy.
+
+Modules (each imports only those above it in this list):
+
+* ``errors`` — the exceptions; ``layout`` — the index folder: file names, ``embedder.json`` (:class:`EmbedderInfo`),
+  the write lock, :func:`resolve_index_path`; ``embedders`` — the :class:`Embedder` protocol and the registry;
+* ``store`` — ``meta.sqlite`` (files, entries, info); ``prepare`` — reading, hashing, decoding, dating and
+  cropping one file; ``vectors`` — the FAISS index (type, training, reconciling, saving); ``search`` — hits and
+  filters; ``duplicates`` — exact and near duplicates;
+* ``index`` — :class:`Index`, the facade composing them; ``ingest`` — :func:`index_folder`;
+* ``cli`` — ``shusheng index`` / ``shusheng search``.
+
 See ``docs/retrieval.md`` for the on-disk layout, crash safety, the index-selection rule and the CLI.
 """
 
@@ -25,14 +37,18 @@ _EXPORTS = {
     "create_embedder": "embedders",
     "list_embedders": "embedders",
     "register_embedder": "embedders",
-    "DuplicateGroup": "index",
-    "EmbedderMismatchError": "index",
+    "EmbedderMismatchError": "errors",
+    "IndexLockedError": "errors",
+    "IndexNotFoundError": "errors",
+    "RetrievalIndexError": "errors",
+    "DEFAULT_INDEX_DIRNAME": "layout",
+    "EmbedderInfo": "layout",
+    "read_embedder_info": "layout",
+    "resolve_index_path": "layout",
+    "DuplicateGroup": "duplicates",
+    "SearchHit": "search",
+    "choose_index_spec": "vectors",
     "Index": "index",
-    "IndexLockedError": "index",
-    "IndexNotFoundError": "index",
-    "RetrievalIndexError": "index",
-    "SearchHit": "index",
-    "choose_index_spec": "index",
     "IngestReport": "ingest",
     "index_folder": "ingest",
 }

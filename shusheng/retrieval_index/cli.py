@@ -10,8 +10,9 @@ Examples::
     shusheng search "a red car at night" --index ~/Pictures -k 5 --threshold 0.2 --from 2023-01-01 --json
     shusheng search --image query.jpg --glob "holidays/*"
 
-This module serves ``index``; ``shusheng.retrieval_index.search_cli`` exposes ``search`` from here. Heavy
-imports (torch, FAISS) happen inside ``run`` only.
+``index`` is ``add_arguments``/``run``, ``search`` is ``add_search_arguments``/``run_search``. Heavy imports
+(numpy, torch, FAISS) happen inside ``run``/``run_search`` only; :func:`resolve_index_path` (re-exported here for
+older callers) lives in :mod:`shusheng.retrieval_index.layout`.
 """
 
 from __future__ import annotations
@@ -19,24 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from shusheng.retrieval_index.layout import resolve_index_path
+
+__all__ = ["add_arguments", "add_search_arguments", "resolve_index_path", "run", "run_search"]
+
 logger = logging.getLogger(__name__)
-
-_INDEX_DIRNAME = ".shusheng-index"  # = index.DEFAULT_INDEX_DIRNAME (not imported: keeps --help light)
-
-
-def resolve_index_path(path: str | os.PathLike | None) -> Path:
-    """An index folder from a user path: the index itself, or a collection folder holding ``.shusheng-index``;
-    ``None`` means the current directory."""
-    p = Path(path if path is not None else ".").expanduser().absolute()
-    if (p / "meta.sqlite").is_file() or p.name == _INDEX_DIRNAME:
-        return p
-    if (p / _INDEX_DIRNAME).is_dir():
-        return p / _INDEX_DIRNAME
-    return p
 
 
 def _print_json(obj) -> None:
@@ -128,7 +119,7 @@ def _run_duplicates(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shusheng.retrieval_index.index import RetrievalIndexError
+    from shusheng.retrieval_index.errors import RetrievalIndexError
 
     try:
         if args.stats:
@@ -191,7 +182,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from shusheng.retrieval_index.index import Index, RetrievalIndexError
+    from shusheng.retrieval_index.errors import RetrievalIndexError
+    from shusheng.retrieval_index.index import Index
 
     if args.text is None and args.image is None:
         logger.error("give a query TEXT, --image FILE, or both")

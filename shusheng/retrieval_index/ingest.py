@@ -17,7 +17,6 @@ committed every ``commit_every`` files, so a killed run loses at most that much 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -32,37 +31,40 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shusheng.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image
-from shusheng.retrieval_index.index import (
-    DEFAULT_INDEX_DIRNAME,
-    EMBEDDER_FILE,
-    Box,
-    EmbedderMismatchError,
-    FileRecord,
-    Index,
+from shusheng.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError
+from shusheng.retrieval_index.errors import EmbedderMismatchError
+from shusheng.retrieval_index.index import Index
+from shusheng.retrieval_index.layout import DEFAULT_INDEX_DIRNAME, read_embedder_info
+from shusheng.retrieval_index.prepare import (
+    CONTEXT_PAD,
+    EMBED_MIN_SIDE,
+    PreparedImage,
+    clip_box,
+    crop_with_context,
+    downscale,
+    file_digest,
+    iso_from_mtime,
+    prepare_file,
+    read_file,
 )
+from shusheng.retrieval_index.store import Box, FileRecord
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from shusheng.detection import Detector
     from shusheng.retrieval_index.embedders import Embedder
+
+    #: What ``index_folder(detector=...)`` accepts: a :class:`shusheng.detection.Detector`, or any plain
+    #: ``callable(PIL.Image) -> [[x, y, w, h], ...]`` (named by its ``name``, else its qualified name).
+    BoxDetector = Detector | Callable[[Image.Image], Sequence[Sequence[float]]]
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONTEXT_PAD", "EMBED_MIN_SIDE", "IngestReport", "PreparedImage", "clip_box", "crop_with_context",
-    "index_folder", "load_regions", "prepare_file", "scan_folder",
+    "index_folder", "load_regions", "prepare_file", "resolve_embedder", "scan_folder",
 ]
-
-#: Images are downscaled (never upscaled) so that their shorter side is this many pixels before embedding:
-#: every embedder resizes to ~224 px anyway, and it bounds the memory of queued batches.
-EMBED_MIN_SIDE = 448
-#: Region crops include this fraction of the box's width/height as context on each side.
-CONTEXT_PAD = 0.1
-_EXIF_IFD, _DATETIME_ORIGINAL, _DATETIME = 0x8769, 36867, 306
-
-Detector = Callable[["Image.Image"], Sequence[Sequence[float]]]
-
 
 @dataclass
 class IngestReport:
@@ -100,118 +102,6 @@ class IngestReport:
             text += f"; {len(self.skipped)} skipped:\n" + "\n".join(f"  {p}: {r}" for p, r in self.skipped)
         return text
 
-
-@dataclass
-class PreparedImage:
-    """A decoded file, ready to embed: metadata, the downscaled image and its region crops."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    digest: str
-    date: str
-    date_source: str
-    width: int
-    height: int
-    image: Image.Image
-    boxes: list[Box] = field(default_factory=list)
-    crops: list[Image.Image] = field(default_factory=list)
-    invalid_boxes: list[str] = field(default_factory=list)
-    full: Image.Image | None = None  # full-resolution image, kept only when a detector must see it
-
-
-def file_digest(data: bytes) -> str:
-    """Content hash of a file's bytes (BLAKE2b, 160 bits, hex)."""
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
-def _iso_from_mtime(mtime_ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
-
-
-def exif_date(img: Image.Image) -> str | None:
-    """EXIF DateTimeOriginal (else DateTime) as ``YYYY-MM-DDTHH:MM:SS``, or ``None``."""
-    try:
-        exif = img.getexif()
-        raw = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
-    except (OSError, ValueError, TypeError, KeyError, SyntaxError) as e:  # malformed EXIF blocks
-        logger.debug("unreadable EXIF: %s", e)
-        return None
-    if not isinstance(raw, str):
-        return None
-    try:
-        parsed = time.strptime(raw.strip().rstrip("\x00")[:19], "%Y:%m:%d %H:%M:%S")
-    except ValueError:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", parsed)
-
-
-def clip_box(box: Sequence[float], width: int, height: int) -> tuple[Box | None, str]:
-    """``[x, y, w, h]`` clipped to the image, as ints; ``(None, reason)`` when invalid or outside."""
-    try:
-        x, y, w, h = (float(v) for v in box)
-    except (TypeError, ValueError):
-        return None, f"region {box!r} is not [x, y, w, h]"
-    if not (w > 0 and h > 0):
-        return None, f"region {list(box)} has no area"
-    x0, y0 = max(0, round(x)), max(0, round(y))
-    x1, y1 = min(width, round(x + w)), min(height, round(y + h))
-    if x1 - x0 < 1 or y1 - y0 < 1:
-        return None, f"region {list(box)} lies outside the {width}x{height} image"
-    return (x0, y0, x1 - x0, y1 - y0), ""
-
-
-def crop_with_context(img: Image.Image, box: Box, pad: float = CONTEXT_PAD) -> Image.Image:
-    """The crop of ``box`` grown by ``pad`` of its size on each side (clipped to the image)."""
-    x, y, w, h = box
-    px, py = round(w * pad), round(h * pad)
-    return img.crop((max(0, x - px), max(0, y - py), min(img.width, x + w + px), min(img.height, y + h + py)))
-
-
-def _downscale(img: Image.Image, min_side: int = EMBED_MIN_SIDE) -> Image.Image:
-    from PIL import Image as PILImage
-
-    scale = min_side / min(img.size)
-    if scale >= 1:
-        return img
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, PILImage.Resampling.BICUBIC, reducing_gap=2.0)
-
-
-def read_file(path: str) -> tuple[bytes, os.stat_result]:
-    """The bytes and stat of a regular file (raises ``OSError``)."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return f.read(), st
-
-
-def prepare_file(path: str, boxes: Sequence[Sequence[float]] | None = None, *, data: bytes | None = None,
-                 st: os.stat_result | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 keep_full: bool = False) -> PreparedImage:
-    """Reads (unless ``data`` is given), hashes, decodes and crops one file. Thread-safe.
-
-    Raises:
-        ImageLoadError: not a usable image. OSError: unreadable.
-    """
-    if data is None:
-        data, st = read_file(path)
-    img = load_image(data, max_pixels=max_pixels)  # bytes: the file is read once, for hash and pixels
-    mtime_ns = st.st_mtime_ns if st is not None else time.time_ns()
-    date = exif_date(img)
-    prepared = PreparedImage(
-        path=path, size=len(data), mtime_ns=mtime_ns, digest=file_digest(data),
-        date=date or _iso_from_mtime(mtime_ns), date_source="exif" if date else "mtime",
-        width=img.width, height=img.height, image=_downscale(img), full=img if keep_full else None)
-    for box in boxes or ():
-        clipped, reason = clip_box(box, img.width, img.height)
-        if clipped is None:
-            prepared.invalid_boxes.append(reason)
-            continue
-        prepared.boxes.append(clipped)
-        prepared.crops.append(_downscale(crop_with_context(img, clipped)))
-    return prepared
 
 
 def load_regions(regions: Mapping[str, Any] | str | os.PathLike | None, root: str | os.PathLike
@@ -305,7 +195,7 @@ def _stat_reason(path: str, e: OSError) -> str:
     return f"unreadable ({e.strerror or e})"
 
 
-def _detector_name(detector: Detector | None) -> str | None:
+def _detector_name(detector: BoxDetector | None) -> str | None:
     if detector is None:
         return None
     return (getattr(detector, "name", None) or getattr(detector, "__qualname__", None)
@@ -326,18 +216,16 @@ def resolve_embedder(embedder: Embedder | str | None, index_path: Path, checkpoi
     """
     from shusheng.retrieval_index.embedders import DEFAULT_EMBEDDER, create_embedder
 
-    recorded = None
-    if (index_path / EMBEDDER_FILE).is_file():
-        recorded = json.loads((index_path / EMBEDDER_FILE).read_text())
+    recorded = read_embedder_info(index_path, missing_ok=True)
     if embedder is None or isinstance(embedder, str):
-        name = embedder or (recorded["name"] if recorded else DEFAULT_EMBEDDER)
-        if recorded is not None and _embedder_key(name) != recorded["name"]:
+        name = embedder or (recorded.name if recorded else DEFAULT_EMBEDDER)
+        if recorded is not None and _embedder_key(name) != recorded.name:
             raise EmbedderMismatchError(
-                f"index {os.fspath(index_path)!r} was built with embedder {recorded['name']!r}, not {name!r}; "
-                f"vectors of different embedders cannot be mixed. Use --embedder {recorded['name']} "
+                f"index {os.fspath(index_path)!r} was built with embedder {recorded.name!r}, not {name!r}; "
+                f"vectors of different embedders cannot be mixed. Use --embedder {recorded.name} "
                 "or a new --index path.")
         if checkpoint is None and recorded is not None:
-            checkpoint = recorded.get("checkpoint")
+            checkpoint = recorded.checkpoint
         return create_embedder(name, checkpoint=checkpoint, device=device), checkpoint
     return embedder, checkpoint
 
@@ -357,7 +245,7 @@ class _Ingest:
     """State of one ingest run: the pending jobs, the decode pool, the report."""
 
     def __init__(self, index: Index, embedder: Embedder, report: IngestReport, *, region_spec: dict,
-                 detector: Detector | None, batch_size: int, commit_every: int, max_pixels: int | None,
+                 detector: BoxDetector | None, batch_size: int, commit_every: int, max_pixels: int | None,
                  workers: int):
         self.index, self.embedder, self.report = index, embedder, report
         self.region_spec, self.detector, self.detector_name = region_spec, detector, _detector_name(detector)
@@ -418,7 +306,7 @@ class _Ingest:
         if not twins:
             return False
         src = twins[0]
-        date = src.date if src.date_source == "exif" else _iso_from_mtime(st.st_mtime_ns)
+        date = src.date if src.date_source == "exif" else iso_from_mtime(st.st_mtime_ns)
         fid = index.put_file(path, size=st.st_size, mtime_ns=st.st_mtime_ns, digest=digest, date=date,
                              date_source=src.date_source, width=src.width, height=src.height,
                              detector=src.detector)
@@ -489,7 +377,7 @@ class _Ingest:
             clipped, _ = clip_box(box, prepared.width, prepared.height)
             if clipped is not None:
                 boxes.append(clipped)
-                crops.append(_downscale(crop_with_context(prepared.full, clipped)))
+                crops.append(downscale(crop_with_context(prepared.full, clipped)))
         return boxes, crops
 
     def _embed(self, jobs: list[_Job]) -> None:
@@ -554,7 +442,7 @@ class _Ingest:
 def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None = None,
                  embedder: Embedder | str | None = None, *, checkpoint: str | os.PathLike | None = None,
                  device: str | None = None, regions: Mapping[str, Any] | str | os.PathLike | None = None,
-                 detector: Detector | None = None, batch_size: int = 32, commit_every: int = 256,
+                 detector: BoxDetector | None = None, batch_size: int = 32, commit_every: int = 256,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, include_hidden: bool = False,
                  progress: bool = True, workers: int | None = None) -> IngestReport:
     """Indexes (or incrementally re-indexes) every image below ``folder``.
@@ -568,8 +456,10 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
         regions: boxes to index as region entries: ``{path: [[x, y, w, h], ...]}`` or a JSON file of that
             mapping (paths relative to ``folder`` or absolute; pixels of the upright image). Files not listed
             keep the boxes stored before.
-        detector: optional ``callable(PIL.Image) -> [[x, y, w, h], ...]`` run on new and changed files (and
-            once on files indexed without it); its boxes become region entries.
+        detector: optional :class:`shusheng.detection.Detector` (such as ``DenseObjectDetector``), or any plain
+            ``callable(PIL.Image) -> [[x, y, w, h], ...]``, called on the full-resolution image of new and
+            changed files (and once on files indexed without it, recorded by its ``name``); its boxes become
+            region entries.
         batch_size: images per embedder call.
         commit_every: commit after this many changed files (what a crash can lose at most).
         max_pixels: larger images are skipped (decompression-bomb guard of ``load_image``).
