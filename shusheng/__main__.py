@@ -1,6 +1,6 @@
 """``python -m shusheng`` runs the command-line interface."""
 
-from shusheng.apps.cli import main
+from shusheng.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

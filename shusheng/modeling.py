@@ -219,8 +219,10 @@ class PretrainedMixin:
         """
         from safetensors.torch import save_file
 
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
+        # everything that can refuse (e.g. a pruned model has no config) runs before anything is written
+        config = {"model_type": self.model_type, "config": self._config_dict(),
+                  "preprocess": self.preprocess_config().to_dict()}
+        extra = self._extra_config()
         skip = self._external_keys()
         prefixes = self._component_prefixes()
         tensors = {}
@@ -231,19 +233,19 @@ class PretrainedMixin:
             if dtype is not None and v.is_floating_point():
                 v = v.to(dtype)
             tensors[k] = v.contiguous()
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         for folder, module in self._components().items():
             module.save_pretrained(out / folder, dtype=dtype)
         first = next(iter(tensors.values()), None)
-        config = {"model_type": self.model_type, "config": self._config_dict(),
-                  "preprocess": self.preprocess_config().to_dict()}
         if prefixes:
             config["components"] = {folder: p.rstrip(".") for folder, p in prefixes.items()}
         if skip:
             config["external_tensors"] = sorted(skip)
         config["weights_dtype"] = str(dtype or (first.dtype if first is not None else torch.float32)).replace(
             "torch.", "")
-        config.update(self._extra_config())
+        config.update(extra)
         if metadata:
             config["metadata"] = metadata
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")

@@ -1,4 +1,5 @@
-"""shusheng.apps.gradio_app: the Search tab's backend, its error messages, and the app over HTTP (gradio_client).
+"""shusheng.apps: the Search tab's backend, its error messages, the app over HTTP (gradio_client), the tabs' protocol
+(a tab that cannot be built says why), the Caption & VQA tab's out-of-domain notice and ``shusheng demo``.
 
 Uses a deterministic palette embedder (a test double defined here) and a few tiny generated images.
 """
@@ -19,8 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gr = pytest.importorskip("gradio")
 pytest.importorskip("faiss")
 
-from shusheng.apps import gradio_app  # noqa: E402
-from shusheng.apps.gradio_app import BOX_COLOR, SearchApp, UserInputError, build_demo  # noqa: E402
+from shusheng.apps.gradio_app import build_demo  # noqa: E402
+from shusheng.apps.tabs import Tab, TabUnavailable, UserInputError, load_tabs  # noqa: E402
+from shusheng.apps.tabs import caption_vqa as caption_tab  # noqa: E402
+from shusheng.apps.tabs import search as search_tab  # noqa: E402
+from shusheng.apps.tabs.search import BOX_COLOR, SearchApp  # noqa: E402
 from shusheng.retrieval_index import Index, index_folder  # noqa: E402
 
 PALETTE = {"red": (230, 20, 20), "green": (20, 170, 40), "blue": (20, 40, 230), "yellow": (240, 220, 30),
@@ -117,7 +121,7 @@ def test_search_returns_scored_gallery_items(app):
     assert caption.startswith("score 1.00 · ") and caption.split(" · ")[1] in {"red.png", "sub/red_small.png"}
     assert "3 results" in result.status and "“red”" in result.status
     # pictures are scaled up for display: the longer side is at least DISPLAY_MIN_SIDE
-    assert max(picture.size) >= gradio_app.DISPLAY_MIN_SIDE
+    assert max(picture.size) >= search_tab.DISPLAY_MIN_SIDE
 
 
 def test_region_hit_is_drawn_with_its_box(app):
@@ -198,6 +202,14 @@ def test_ui_turns_bad_input_into_gr_error(collection, tmp_path):
     with pytest.raises(gr.Error) as err:
         index(os.fspath(other))
     assert "was built with embedder 'another-embedder'" in err.value.message
+    # a damaged record of the embedder: one message, not a traceback
+    damaged = tmp_path / "damaged"
+    (damaged / ".shusheng-index").mkdir(parents=True)
+    solid("red").save(damaged / "a.png")
+    (damaged / ".shusheng-index" / "embedder.json").write_text("{not json")
+    with pytest.raises(gr.Error) as err:
+        index(os.fspath(damaged))
+    assert "unreadable embedder record" in err.value.message and "Delete that index folder" in err.value.message
     # no index yet
     empty = build_demo(None, PaletteEmbedder(), extra_tabs=False)
     with pytest.raises(gr.Error) as err:
@@ -245,26 +257,173 @@ def _tab_labels(demo) -> list[str]:
     return [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
 
 
-def test_caption_vqa_tab_is_added_only_when_its_model_loads(collection, monkeypatch):
-    pytest.importorskip("shusheng.apps.tab_uniperceiver")
+def _markdown_texts(demo) -> list[str]:
+    return [block.value or "" for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+
+
+def test_tabs_follow_the_protocol():
+    tabs = load_tabs()
+    assert [t.title for t in tabs] == ["Search", "Caption & VQA"]
+    assert all(isinstance(t, Tab) for t in tabs)
+    assert tabs[0].available() is None  # Search: embedders load on first use
+
+
+class _Unavailable:
+    title = "Broken"
+
+    def available(self):
+        return "its weights are missing; make them with: `shusheng train broken`"
+
+    def build(self, ctx):
+        raise AssertionError("an unavailable tab is not built")
+
+
+class _FailsWhenBuilt:
+    title = "Late failure"
+
+    def available(self):
+        return None
+
+    def build(self, ctx):
+        raise TabUnavailable("the weights did not load: truncated file")
+
+
+def test_a_tab_that_cannot_be_built_says_why(collection):
+    search = load_tabs()[0]
+    demo = build_demo(collection, PaletteEmbedder(), tabs=[search, _Unavailable(), _FailsWhenBuilt()])
+    assert _tab_labels(demo) == ["Search", "Broken", "Late failure"]
+    texts = "\n".join(_markdown_texts(demo))
+    assert "**Broken is not available here.**" in texts and "`shusheng train broken`" in texts
+    assert "**Late failure is not available here.**" in texts and "truncated file" in texts
+    assert isinstance(demo.search_app, SearchApp)
+    # the Search tab itself still works
+    assert demo.search_app.search("red", k=1).items[0][1].startswith("score 1.00")
+    # extra_tabs=False keeps the first (main) tab only
+    assert _tab_labels(build_demo(collection, PaletteEmbedder(), extra_tabs=False,
+                                  tabs=[search, _Unavailable()])) == ["Search"]
+
+
+class FakeCaptioner:
+    """Test double of the caption / VQA pipelines: fixed outputs, optionally with the domain check fields."""
+
+    model = None
+
+    def __init__(self, model=None, in_domain=None, domain_score=None):
+        self.model, self.in_domain, self.domain_score = model, in_domain, domain_score
+
+    def _extra(self):
+        if self.in_domain is None:
+            return {}  # an output from before the domain check: no such fields at all
+        return {"in_domain": [self.in_domain], "domain_score": [self.domain_score]}
+
+    def __call__(self, images, *args, **kwargs):
+        from types import SimpleNamespace
+
+        if args:  # VQA: (images, question)
+            return SimpleNamespace(answers=["yes"], scores=[0.9], top_k=[[("yes", 0.9), ("no", 0.1)]], mode="match",
+                                   **self._extra())
+        return SimpleNamespace(captions=["a red car on a wet road"], scores=[0.75], **self._extra())
+
+
+def test_caption_vqa_tab_shows_the_reason_when_its_model_is_missing(collection, monkeypatch, tmp_path):
     pipelines = pytest.importorskip("shusheng.uniperceiver.pipelines")
+    from shusheng import weights
+
+    # no bundled folder: the tab is there and says what is missing and how to make it
+    monkeypatch.setattr(pipelines, "bundled_model_path", lambda name=pipelines.BUNDLED_MODEL: tmp_path / "none")
+    reason = caption_tab.TAB.available()
+    assert reason is not None and "shusheng-mini-uniperceiver" in reason and "has no config.json" in reason
+    assert "shusheng train uniperceiver" in reason
+    monkeypatch.setitem(weights.TRAIN_COMMANDS, pipelines.BUNDLED_MODEL, "shusheng train uniperceiver --x y")
+    assert "Make its weights with: `shusheng train uniperceiver --x y`" in caption_tab.TAB.available()
+    demo = build_demo(collection, PaletteEmbedder())
+    assert _tab_labels(demo) == ["Search", "Caption & VQA"]
+    assert any("Caption & VQA is not available here" in t and "shusheng train uniperceiver --x y" in t
+               for t in _markdown_texts(demo))
+    # a BundledWeightsNotFound that names the command already is shown as it is, without a second hint
+    def not_found(name=pipelines.BUNDLED_MODEL):
+        raise weights.BundledWeightsNotFound("the bundled weights are missing; train them with: "
+                                             "shusheng train uniperceiver --x y")
+
+    monkeypatch.setattr(pipelines, "bundled_model_path", not_found)
+    reason = caption_tab.TAB.available()
+    assert reason.count("shusheng train uniperceiver --x y") == 1
+
+    # the folder is there but the weights do not load: found while building, shown the same way
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.setattr(pipelines, "bundled_model_path", lambda name=pipelines.BUNDLED_MODEL: tmp_path / "model")
+    assert caption_tab.TAB.available() is None
 
     def no_weights(cls, path=None, device="cpu"):
-        raise FileNotFoundError("the bundled weights of 'shusheng-mini-uniperceiver' are missing")
+        raise FileNotFoundError("no model.safetensors in the bundled folder")
 
     monkeypatch.setattr(pipelines.CaptionPipeline, "from_pretrained", classmethod(no_weights))
-    assert _tab_labels(build_demo(collection, PaletteEmbedder())) == ["Search"]
+    demo = build_demo(collection, PaletteEmbedder())
+    assert _tab_labels(demo) == ["Search", "Caption & VQA"]
+    assert any("no model.safetensors" in t for t in _markdown_texts(demo))
 
-    class FakePipeline:
-        model = None
-
-        def __init__(self, model=None):
-            self.model = model
-
-    monkeypatch.setattr(pipelines.CaptionPipeline, "from_pretrained", classmethod(lambda cls, **kw: FakePipeline()))
-    monkeypatch.setattr(pipelines, "VQAPipeline", FakePipeline)
-    assert _tab_labels(build_demo(collection, PaletteEmbedder())) == ["Search", "Caption & VQA"]
+    # weights that load: the real tab (Caption / Answer boxes), and Search only with extra_tabs=False
+    monkeypatch.setattr(pipelines.CaptionPipeline, "from_pretrained", classmethod(lambda cls, **kw: FakeCaptioner()))
+    monkeypatch.setattr(pipelines, "VQAPipeline", FakeCaptioner)
+    demo = build_demo(collection, PaletteEmbedder())
+    assert _tab_labels(demo) == ["Search", "Caption & VQA"]
+    labels = {block.label for block in demo.blocks.values() if isinstance(block, gr.Textbox)}
+    assert {"Caption", "Question", "Answer"} <= labels
+    assert not any("not available here" in t for t in _markdown_texts(demo))
     assert _tab_labels(build_demo(collection, PaletteEmbedder(), extra_tabs=False)) == ["Search"]
+
+
+def test_domain_notice():
+    from types import SimpleNamespace
+
+    out = SimpleNamespace(in_domain=[True, False, None], domain_score=[0.91, 0.123, 0.5])
+    assert caption_tab.domain_notice(out, 0) == ""
+    notice = caption_tab.domain_notice(out, 1)
+    assert "does not look like the driving scenes the bundled model was trained on" in notice
+    assert "(domain score 0.12)" in notice and notice.endswith("the answer is unreliable.")
+    assert caption_tab.domain_notice(out, 1, "caption").endswith("the caption is unreliable.")
+    assert caption_tab.domain_notice(out, 2) == ""  # unknown: no notice
+    assert caption_tab.domain_notice(SimpleNamespace(captions=["x"], scores=[0.5]), 0) == ""  # no domain check
+    no_score = caption_tab.domain_notice(SimpleNamespace(in_domain=[np.bool_(False)]), 0)
+    assert "does not look like" in no_score and "domain score" not in no_score
+    assert caption_tab.domain_notice(SimpleNamespace(in_domain=[np.bool_(True)], domain_score=[0.9]), 0) == ""
+    nan = caption_tab.domain_notice(SimpleNamespace(in_domain=[False], domain_score=[float("nan")]), 0)
+    assert "does not look like" in nan and "domain score" not in nan
+    tiny = caption_tab.domain_notice(SimpleNamespace(in_domain=[False], domain_score=[0.0000123]), 0)
+    assert "(domain score 1.2e-05)" in tiny
+
+
+def test_caption_vqa_tab_shows_the_out_of_domain_notice_next_to_the_answer():
+    picture = solid("red")
+    outside = FakeCaptioner(in_domain=False, domain_score=0.07)
+    text, notice = caption_tab.caption_with_notice(outside, picture)
+    assert text == "a red car on a wet road  (score 0.75)" and "(domain score 0.07)" in notice
+    assert "caption is unreliable" in notice
+    line, table, notice = caption_tab.answer_with_notice(outside, picture, "is it red?")
+    assert line == "yes  (score 0.90)" and table == [["yes", 0.9], ["no", 0.1]] and "answer is unreliable" in notice
+    inside = FakeCaptioner(in_domain=True, domain_score=0.8)
+    assert caption_tab.caption_with_notice(inside, picture)[1] == ""
+    assert caption_tab.answer_with_notice(inside, picture, "is it red?")[2] == ""
+    before = FakeCaptioner()  # outputs without in_domain: no notice, same text
+    assert caption_tab.caption_with_notice(before, picture) == ("a red car on a wet road  (score 0.75)", "")
+    assert caption_tab.caption_image(outside, picture) == "a red car on a wet road  (score 0.75)"
+    assert caption_tab.answer_question(outside, picture, "is it red?") == ("yes  (score 0.90)",
+                                                                           [["yes", 0.9], ["no", 0.1]])
+    assert caption_tab.answer_with_notice(outside, None, "is it red?") == ("Upload or pick an image first.", [], "")
+    assert caption_tab.answer_with_notice(outside, picture, " ")[0].startswith("Type a question")
+
+    # the tab's events fill the notice boxes (Markdown next to the caption and the answer)
+    with gr.Blocks() as demo:
+        caption_tab.caption_and_vqa_tab(outside, outside, samples=[picture])
+    caption_fn, ask_fn = _fn(demo, "lambda"), _fn(demo, "ask")
+    assert "caption is unreliable" in caption_fn(picture, 1)[1]
+    assert "answer is unreliable" in ask_fn(picture, "is it red?", "match")[2]
+    notices = {block.elem_id for block in demo.blocks.values() if isinstance(block, gr.Markdown)}
+    assert {"caption-notice", "answer-notice"} <= notices
+    for block_fn in demo.fns.values():
+        if block_fn.api_name in ("lambda", "ask", "ask_1"):
+            assert any(getattr(o, "elem_id", None) in notices for o in block_fn.outputs)
 
 
 def _free_port() -> int:
@@ -295,7 +454,7 @@ def test_gradio_client_against_launched_app(collection):
 # ---------------------------------------------------------------------------------------------------- shusheng demo
 def test_demo_command_generates_indexes_launches_and_is_incremental(tmp_path, monkeypatch, caplog):
     from shusheng.apps import demo as demo_cmd
-    from shusheng.apps.cli import main
+    from shusheng.cli import main
     from shusheng.retrieval_index import embedders as emb_mod
 
     class Retrained(PaletteEmbedder):  # same name, other weights: the vectors of another colour order
@@ -329,7 +488,7 @@ def test_demo_command_generates_indexes_launches_and_is_incremental(tmp_path, mo
 
 
 def test_demo_command_without_an_embedder_fails_clearly(tmp_path, monkeypatch, caplog):
-    from shusheng.apps.cli import main
+    from shusheng.cli import main
 
     monkeypatch.setenv("SHUSHENG_CACHE", os.fspath(tmp_path))
     assert main(["demo", "--no-browser", "--embedder", "no-such-embedder"]) == 1

@@ -291,7 +291,7 @@ def test_onnx_rejects_old_opset(tmp_path):
 
 
 def test_cli_ops_check(capsys):
-    from shusheng.apps.cli import main
+    from shusheng.cli import main
 
     assert main(["ops", "--check"]) == 0
     out = capsys.readouterr().out

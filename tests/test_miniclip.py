@@ -409,7 +409,7 @@ def test_bundled_dense_head_detects_vehicles_and_maps_boxes_to_the_image():
 
 @pytest.mark.skipif(not _bundled_present(), reason="bundled shusheng-mini-clip weights not present")
 def test_index_cli_detect_adds_region_entries(tmp_path, capsys):
-    from shusheng.apps.cli import main
+    from shusheng.cli import main
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shusheng.apps.cli import main
+from shusheng.cli import main
 from shusheng.retrieval_index import embedders as emb_mod
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -383,7 +383,7 @@ def test_dataset_in_a_dataloader_with_workers():
 
 
 def test_cli_writes_dataset_and_preview(tmp_path):
-    from shusheng.apps.cli import main
+    from shusheng.cli import main
 
     out, grid = tmp_path / "ds", tmp_path / "grid.png"
     assert main(["data", "synthdrive", "--out", str(out), "--n", "3", "--seed", "4", "--size", "64", "--quiet",

@@ -299,21 +299,39 @@ def test_bad_inputs_give_clear_errors(saved, image_files):
     with pytest.raises(ValueError, match="question is empty"):
         vqa(image_files[:1], "   ")
     with pytest.raises(ImageLoadError, match="not a recognised image"):
-        vqa(image_files[2:], "is it red?")
+        vqa(image_files[2:], "is it red?", on_error="raise")
     with pytest.raises(ValueError, match="one question for all images or one per image"):
         vqa(image_files[:2], ["a?", "b?", "c?"])
     with pytest.raises(ValueError, match="mode"):
         vqa(image_files[:1], "is it red?", mode="guess")
     with pytest.raises(ImageLoadError):
-        CaptionPipeline(vqa.model)(image_files[2])
+        CaptionPipeline(vqa.model)(image_files[2], on_error="raise")
+    with pytest.raises(ValueError, match="on_error"):
+        CaptionPipeline(vqa.model)(image_files[0], on_error="ignore")
     with pytest.raises(ValueError, match="no images"):
         CaptionPipeline(vqa.model)([])
     with pytest.raises(FileNotFoundError):
         CaptionPipeline.from_pretrained(saved.parent / "missing")
 
 
+def test_a_bad_file_fails_only_its_own_item(saved, image_files):
+    """good, bad, good in batches of 2: both good images get the results they get alone; the bad one an error."""
+    from shusheng.uniperceiver.pipelines import CaptionPipeline, VQAPipeline
+
+    cap = CaptionPipeline.from_pretrained(saved)
+    files = [image_files[0], image_files[2], image_files[1]]
+    out = cap(files, max_new_tokens=6, batch_size=2)
+    alone = cap([image_files[0], image_files[1]], max_new_tokens=6, batch_size=1)
+    assert out.captions[0] == alone.captions[0] and out.captions[2] == alone.captions[1]
+    assert out.captions[1] is None and out.scores[1] is None and out.in_domain[1] is None
+    assert out.errors[0] is None and out.errors[2] is None and "not a recognised image" in out.errors[1]
+    assert out.in_domain[0] is True and math.isnan(out.domain_score[0])  # this folder has no domain check
+    res = VQAPipeline(cap.model)(files, ["a?", "b?", "is it red?"], batch_size=2)
+    assert res.answers[1] is None and res.errors[1] and res.answers[0] in ANSWERS and res.answers[2] in ANSWERS
+
+
 def test_cli_caption_and_ask_json(saved, image_files, capsys):
-    from shusheng.apps.cli import main
+    from shusheng.cli import main
 
     assert main(["caption", *image_files[:2], "--model", str(saved), "--json", "--max-tokens", "6"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -324,15 +342,22 @@ def test_cli_caption_and_ask_json(saved, image_files, capsys):
     assert all(r["answer"] in ANSWERS and 0 < r["score"] <= 1 for r in rows)
     assert main(["ask", image_files[0], "-q", " ", "--model", str(saved)]) == 2
     assert "question is empty" in capsys.readouterr().err
-    assert main(["caption", image_files[2], "--model", str(saved)]) == 2
-    assert "cannot load image" in capsys.readouterr().err
+    # a bad file fails its own row; the good ones are still captioned; exit status 1
+    assert main(["caption", image_files[0], image_files[2], image_files[1], "--model", str(saved), "--json",
+                 "--max-tokens", "6"]) == 1
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert isinstance(rows[0]["caption"], str) and isinstance(rows[2]["caption"], str)
+    assert rows[1]["caption"] is None and "cannot load image" in rows[1]["error"]
+    assert "cannot load image" in captured.err
+    assert all(r.get("in_domain") in (True, None) for r in rows)
 
 
 def test_gradio_tab_builds_and_answers(saved, image_files):
     gr = pytest.importorskip("gradio")
     from PIL import Image
 
-    from shusheng.apps.tab_uniperceiver import answer_question, caption_and_vqa_tab, caption_image
+    from shusheng.apps.tabs.caption_vqa import answer_question, caption_and_vqa_tab, caption_image
     from shusheng.uniperceiver.pipelines import CaptionPipeline, VQAPipeline
 
     cap = CaptionPipeline.from_pretrained(saved)

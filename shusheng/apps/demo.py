@@ -1,4 +1,5 @@
-"""``shusheng demo``: the Gradio app (:mod:`shusheng.apps.gradio_app`) over a sample collection, in one command.
+"""``shusheng demo``: the Gradio app (:mod:`shusheng.apps.gradio_app`) over a sample collection, in one command
+(registered in :mod:`shusheng.cli`).
 
 Examples::
 
@@ -190,7 +191,8 @@ def _serve_until_stopped(demo) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shusheng.apps.gradio_app import build_demo, import_gradio
+    from shusheng.apps.gradio_app import build_demo
+    from shusheng.apps.tabs import import_gradio
 
     t_start = time.perf_counter()
     if args.n < 1:

@@ -1,7 +1,10 @@
 """``shusheng caption IMG...`` and ``shusheng ask IMG... -q QUESTION``: the unified decoder on the command line.
 
-With ``--json`` each prints a JSON list of ``{"image", "caption" | "answer", "score"}`` objects. Without a
-``--model`` folder the bundled ``shusheng-mini-uniperceiver`` is used. Heavy imports happen in ``run`` only.
+With ``--json`` each prints a JSON list of ``{"image", "caption" | "answer", "score", "in_domain",
+"domain_score"}`` objects; an image that cannot be loaded gets an ``"error"`` entry instead, the others are still
+answered, and the exit status is 1. Images unlike the model's training data get a one-line warning on stderr.
+Without a ``--model`` folder the bundled ``shusheng-mini-uniperceiver`` is used. Heavy imports happen in ``run``
+only.
 """
 
 from __future__ import annotations
@@ -44,6 +47,29 @@ def _load(args: argparse.Namespace, cls):
     return cls.from_pretrained(args.model)
 
 
+def _report(args: argparse.Namespace, rows: list[dict], out, line) -> int:
+    """Print ``rows`` (``--json``) or one line each; warn about failed and out-of-domain images on stderr.
+
+    Returns 1 when some image failed, else 0."""
+    for r, ok, score, err in zip(rows, out.in_domain, out.domain_score, out.errors):
+        r["in_domain"] = ok
+        r["domain_score"] = None if score != score else round(score, 4)  # NaN (no check) -> null
+        if err is not None:
+            r["error"] = err
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['image']}: error: {r['error']}" if "error" in r else line(r))
+    for r in rows:
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
+        elif r["in_domain"] is False:
+            print(f"warning: {r['image']} does not look like the scenes this model was trained on "
+                  f"(domain score {r['domain_score']:.4f}); treat the answer as unreliable", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
+
+
 def run_caption(args: argparse.Namespace) -> int:
     from shusheng.data import ImageLoadError
     from shusheng.uniperceiver.pipelines import CaptionPipeline
@@ -53,13 +79,9 @@ def run_caption(args: argparse.Namespace) -> int:
         out = pipe(args.images, max_new_tokens=args.max_tokens, num_beams=args.beams, batch_size=args.batch_size)
     except (ImageLoadError, ValueError, FileNotFoundError) as e:
         return _fail(e)
-    rows = [{"image": im, "caption": c, "score": round(s, 4)} for im, c, s in zip(args.images, out.captions, out.scores)]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['image']}: {r['caption']}  (score {r['score']:.3f})")
-    return 0
+    rows = [{"image": im, "caption": c, "score": None if s is None else round(s, 4)}
+            for im, c, s in zip(args.images, out.captions, out.scores)]
+    return _report(args, rows, out, lambda r: f"{r['image']}: {r['caption']}  (score {r['score']:.3f})")
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -73,13 +95,12 @@ def run_ask(args: argparse.Namespace) -> int:
         out = pipe(args.images, args.question, mode=args.mode, top_k=args.top_k, batch_size=args.batch_size)
     except (ImageLoadError, ValueError, FileNotFoundError) as e:
         return _fail(e)
-    rows = [{"image": im, "question": args.question, "answer": a, "score": round(s, 4),
-             "alternatives": [[t, round(p, 4)] for t, p in k]}
+    rows = [{"image": im, "question": args.question, "answer": a, "score": None if s is None else round(s, 4),
+             "alternatives": [[t, round(p, 4)] for t, p in (k or [])]}
             for im, a, s, k in zip(args.images, out.answers, out.scores, out.top_k)]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            alts = ", ".join(f"{t} {p:.2f}" for t, p in r["alternatives"][1:])
-            print(f"{r['image']}: {r['answer']}  (score {r['score']:.3f}{'; also ' + alts if alts else ''})")
-    return 0
+
+    def line(r: dict) -> str:
+        alts = ", ".join(f"{t} {p:.2f}" for t, p in r["alternatives"][1:])
+        return f"{r['image']}: {r['answer']}  (score {r['score']:.3f}{'; also ' + alts if alts else ''})"
+
+    return _report(args, rows, out, line)

@@ -3,19 +3,20 @@
     >>> from shusheng.uniperceiver import CaptionPipeline, VQAPipeline
     >>> cap = CaptionPipeline.from_pretrained()                 # bundled shusheng-mini-uniperceiver
     >>> out = cap(["a.png", "b.png"])                           # greedy; num_beams > 1: beam search
-    >>> out.captions, out.scores
-    >>> vqa = VQAPipeline(cap.model)                            # the same model answers questions
+    >>> out.captions, out.scores, out.in_domain
+    >>> vqa = VQAPipeline(cap.model, cap.domain_check)          # the same model answers questions
     >>> vqa(["a.png"], "Is there a red car?").answers
 
-Images go through ``shusheng.data.load_image`` (paths, bytes, file objects or PIL images; a non-image raises
-``ImageLoadError``) and are resized to the model's input size with its own mean/std. Everything runs under
+Images are decoded batch by batch through ``shusheng.data.load_image`` and the model's own transform (see
+:mod:`shusheng.pipelines`); an image that cannot be loaded gets ``None`` results and its reason in ``errors``
+(``on_error="raise"`` raises ``ImageLoadError`` instead). Every item carries ``in_domain``/``domain_score``: the
+bundled model knows only SynthDrive's driving scenes and says so for anything else. Everything runs under
 ``torch.inference_mode()`` on the model's device and dtype (CPU float32 by default; move it with ``.to()``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,80 +24,43 @@ from typing import Any
 import numpy as np
 import torch
 
+from shusheng.pipelines import Pipeline, PipelineOutput, as_image_list
 from shusheng.uniperceiver.decoding import generate
 from shusheng.uniperceiver.model import UniPerceiver
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUNDLED_MODEL", "CaptionOutput", "CaptionPipeline", "VQAOutput", "VQAPipeline", "bundled_model_path",
-           "load_images"]
+__all__ = ["BUNDLED_MODEL", "CaptionOutput", "CaptionPipeline", "VQAOutput", "VQAPipeline", "bundled_model_path"]
 
 BUNDLED_MODEL = "shusheng-mini-uniperceiver"
 
 
 def bundled_model_path(name: str = BUNDLED_MODEL) -> Path:
-    """Folder of a bundled model: ``shusheng.weights.bundled_path`` when that registry exists, else the folder
-    ``shusheng/weights/<name>`` next to the package."""
-    try:
-        from shusheng.weights import bundled_path
-    except ImportError:
-        bundled_path = None
-    if bundled_path is not None:
-        try:
-            return Path(bundled_path(name))
-        except KeyError:
-            logger.debug("%s is not in the weights registry; using the package folder", name)
-    import shusheng
+    """Folder of a bundled model (``shusheng.weights.bundled_path``)."""
+    from shusheng.weights import bundled_path
 
-    return Path(shusheng.__file__).parent / "weights" / name
-
-
-def load_images(images: Any, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, list]:
-    """Load, validate and normalise images: ``(B, 3, size, size)`` float32 and the PIL images.
-
-    Args:
-        images: one image or a list: paths, bytes, binary files or ``PIL.Image`` objects.
-    """
-    from PIL import Image
-
-    from shusheng.data import load_image
-
-    if isinstance(images, (str, Path, bytes, Image.Image)) or hasattr(images, "read"):
-        images = [images]
-    images = list(images)
-    if not images:
-        raise ValueError("no images given")
-    pils = [load_image(im) for im in images]
-    arr = np.stack([np.asarray(p.resize((size, size), Image.Resampling.BICUBIC) if p.size != (size, size) else p,
-                               dtype=np.float32) for p in pils])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 255.0
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    return x, pils
-
-
-def _batches(n: int, size: int):
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))
+    return bundled_path(name)
 
 
 @dataclass
-class CaptionOutput:
-    """Captions and their scores.
+class CaptionOutput(PipelineOutput):
+    """Captions and their scores (``None`` for an image that failed; see ``errors``).
 
     Attributes:
         captions: one caption per image.
         scores: per caption ``exp(mean token log-probability)`` in (0, 1] (EOS included).
         logprobs: summed log-probability of each caption.
+        in_domain, domain_score, errors: see :class:`shusheng.pipelines.PipelineOutput`.
     """
 
-    captions: list[str]
-    scores: list[float]
-    logprobs: list[float] = field(default_factory=list)
+    captions: list[str | None]
+    scores: list[float | None]
+    logprobs: list[float | None] = field(default_factory=list)
 
 
 @dataclass
-class VQAOutput:
-    """Answers and their scores.
+class VQAOutput(PipelineOutput):
+    """Answers and their scores (``None`` for an image that failed; see ``errors``).
 
     Attributes:
         answers: one answer per (image, question).
@@ -104,38 +68,35 @@ class VQAOutput:
             ``exp(mean token log-probability)``.
         top_k: matching mode: the ``top_k`` ``(answer, probability)`` pairs per question; generation: one pair.
         mode: ``"match"`` or ``"generate"``.
+        in_domain, domain_score, errors: see :class:`shusheng.pipelines.PipelineOutput`.
     """
 
-    answers: list[str]
-    scores: list[float]
-    top_k: list[list[tuple[str, float]]]
+    answers: list[str | None]
+    scores: list[float | None]
+    top_k: list[list[tuple[str, float]] | None]
     mode: str
 
 
-class _Pipeline:
-    def __init__(self, model: UniPerceiver):
-        self.model = model.eval()
+class _UniPerceiverPipeline(Pipeline):
+    model_class = UniPerceiver
+    bundled_model = BUNDLED_MODEL
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu"):
-        """Load a model folder (default: the bundled ``shusheng-mini-uniperceiver``) into a pipeline."""
-        path = Path(path) if path is not None else bundled_model_path()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no model at {path} (expected config.json and model.safetensors)")
-        return cls(UniPerceiver.from_pretrained(path).to(device))
+    def domain_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._domain_from_pooled(self.model.image.pooled_features(pixels))
 
-    def to(self, *args, **kwargs):
-        self.model.to(*args, **kwargs)
-        return self
+    @staticmethod
+    def _domain_from_pooled(pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(B, N, C)`` → ``(B, 2C)``: mean and max over the image-token grid."""
+        return torch.cat([pooled.mean(1), pooled.amax(1)], dim=-1)
 
-    def _images(self, images: Any) -> tuple[torch.Tensor, list]:
-        cfg = self.model.config
-        x, pils = load_images(images, cfg.image_size, cfg.image_mean, cfg.image_std)
-        p = next(self.model.parameters())
-        return x.to(device=p.device, dtype=p.dtype), pils
+    def _encode(self, pixels: torch.Tensor, out: dict[str, list], batch) -> torch.Tensor:
+        """Image tokens of a batch; fills its in-domain fields (the check reads the same backbone pass)."""
+        pooled = self.model.image.pooled_features(pixels)
+        self._fill(out, batch, *self.score_features(self._domain_from_pooled(pooled), len(pixels)))
+        return self.model.image_tokens(pooled=pooled)
 
 
-class CaptionPipeline(_Pipeline):
+class CaptionPipeline(_UniPerceiverPipeline):
     """Image captioning by matching each slot against the vocabulary (cached greedy or beam decoding).
 
     Args:
@@ -149,7 +110,7 @@ class CaptionPipeline(_Pipeline):
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
 
     def __call__(self, images: Any, max_new_tokens: int = 64, num_beams: int = 1, length_penalty: float = 0.0,
-                 batch_size: int = 64) -> CaptionOutput:
+                 batch_size: int = 64, on_error: str = "item") -> CaptionOutput:
         """Caption images.
 
         Args:
@@ -158,34 +119,40 @@ class CaptionPipeline(_Pipeline):
             num_beams: 1 = greedy (the default: with the bundled model it scores higher CIDEr-D than beam
                 search, which prefers shorter captions); more = beam search.
             length_penalty: beams are ranked by ``logprob / len**length_penalty``.
-            batch_size: images per forward pass.
+            batch_size: images decoded and captioned at a time.
+            on_error: ``"item"`` (an image that cannot be loaded gets ``None`` and its reason in ``errors``) or
+                ``"raise"`` (its ``ImageLoadError`` ends the call).
 
         Returns:
             :class:`CaptionOutput`.
         """
-        # 1. check inputs and load images
+        # 1. check inputs
         self.check_inputs(max_new_tokens, num_beams)
+        images = as_image_list(images)
         max_new_tokens = min(max_new_tokens, self.model.config.max_text_len)
-        x, _ = self._images(images)
-        captions, scores, logprobs = [], [], []
+        n = len(images)
+        out = {"captions": [None] * n, "scores": [None] * n, "logprobs": [None] * n, **self._empty(n)}
         with torch.inference_mode():
             # 2. encode the vocabulary targets once
             vocab = self.model.vocab_features()
-            for sl in _batches(len(x), batch_size):
-                # 3. image tokens and prefix; 4. decode
-                prefix = self.model.prefix(self.model.image_tokens(x[sl]))
+            for batch in self.stream(images, batch_size, on_error):
+                if batch.pixels is None:
+                    self._fill(out, batch, [], [])
+                    continue
+                # 3. image tokens (and the in-domain check) and prefix; 4. decode
+                prefix = self.model.prefix(self._encode(batch.pixels, out, batch))
                 gen = generate(self.model, prefix, max_new_tokens, num_beams, "caption", length_penalty,
                                vocab_feats=vocab)
                 # 5. detokenise
-                for toks, lp, n in zip(gen.tokens, gen.logprob.tolist(), gen.lengths.tolist()):
+                for i, toks, lp, k in zip(batch.index, gen.tokens, gen.logprob.tolist(), gen.lengths.tolist()):
                     text = self.model.tokenizer.decode(toks)
-                    captions.append(text[:1].upper() + text[1:])
-                    logprobs.append(float(lp))
-                    scores.append(float(np.exp(lp / max(1, n))))
-        return CaptionOutput(captions, scores, logprobs)
+                    out["captions"][i] = text[:1].upper() + text[1:]
+                    out["logprobs"][i] = float(lp)
+                    out["scores"][i] = float(np.exp(lp / max(1, k)))
+        return CaptionOutput(**out)
 
 
-class VQAPipeline(_Pipeline):
+class VQAPipeline(_UniPerceiverPipeline):
     """Visual question answering: by matching against the answer list (default) or by open generation.
 
     Args:
@@ -208,7 +175,7 @@ class VQAPipeline(_Pipeline):
 
     def __call__(self, images: Any, questions: str | list[str], mode: str = "match", top_k: int = 3,
                  answers: list[str] | None = None, max_new_tokens: int = 12, num_beams: int = 1,
-                 batch_size: int = 64) -> VQAOutput:
+                 batch_size: int = 64, on_error: str = "item") -> VQAOutput:
         """Answer questions about images.
 
         Args:
@@ -218,42 +185,45 @@ class VQAPipeline(_Pipeline):
             top_k: candidates reported per question in matching mode.
             answers: candidate answers for matching mode.
             max_new_tokens, num_beams: generation mode settings.
-            batch_size: questions per forward pass.
+            batch_size: images decoded and answered at a time.
+            on_error: ``"item"`` (an image that cannot be loaded gets ``None`` and its reason in ``errors``) or
+                ``"raise"``.
 
         Returns:
             :class:`VQAOutput`.
         """
-        # 1. check inputs and load images
+        # 1. check inputs
         qs = [questions] if isinstance(questions, str) else list(questions)
-        x, _ = self._images(images)
-        self.check_inputs(qs, len(x), mode, answers)
+        images = as_image_list(images)
+        n = len(images)
+        self.check_inputs(qs, n, mode, answers)
         if len(qs) == 1:
-            qs = qs * len(x)
+            qs = qs * n
         cands = list(answers) if answers is not None else list(self.model.config.answers)
-        out_a, out_s, out_k = [], [], []
+        out = {"answers": [None] * n, "scores": [None] * n, "top_k": [None] * n, **self._empty(n)}
         with torch.inference_mode():
             # 2. encode the targets once (answers or vocabulary)
             feats = self.model.text_features(cands) if mode == "match" else self.model.vocab_features()
-            for sl in _batches(len(x), batch_size):
-                tokens = self.model.image_tokens(x[sl])
+            for batch in self.stream(images, batch_size, on_error):
+                if batch.pixels is None:
+                    self._fill(out, batch, [], [])
+                    continue
+                tokens = self._encode(batch.pixels, out, batch)
+                bq = [qs[i] for i in batch.index]
                 if mode == "match":
                     # 3. read the question's <SPE> and match it against the answers
-                    p = self.model.vqa_match(None, qs[sl], image_tokens=tokens, answer_features=feats)
+                    p = self.model.vqa_match(None, bq, image_tokens=tokens, answer_features=feats)
                     top = p.topk(min(top_k, len(cands)), dim=-1)
-                    for vals, idx in zip(top.values.tolist(), top.indices.tolist()):
-                        pairs = [(cands[i], float(v)) for v, i in zip(vals, idx)]
-                        out_a.append(pairs[0][0])
-                        out_s.append(pairs[0][1])
-                        out_k.append(pairs)
+                    for i, vals, idx in zip(batch.index, top.values.tolist(), top.indices.tolist()):
+                        pairs = [(cands[c], float(v)) for v, c in zip(vals, idx)]
+                        out["answers"][i], out["scores"][i], out["top_k"][i] = pairs[0][0], pairs[0][1], pairs
                 else:
                     # 3. prefix [SPE | image | question | SPE] then decode the answer
-                    q = self.model.tokenizer.encode(qs[sl], self.model.config.max_text_len // 2)
+                    q = self.model.tokenizer.encode(bq, self.model.config.max_text_len // 2)
                     prefix = self.model.prefix(tokens, q, spe_after_text=True)
                     gen = generate(self.model, prefix, max_new_tokens, num_beams, "vqa", vocab_feats=feats)
-                    for toks, lp, n in zip(gen.tokens, gen.logprob.tolist(), gen.lengths.tolist()):
+                    for i, toks, lp, k in zip(batch.index, gen.tokens, gen.logprob.tolist(), gen.lengths.tolist()):
                         text = self.model.tokenizer.decode(toks)
-                        s = float(np.exp(lp / max(1, n)))
-                        out_a.append(text)
-                        out_s.append(s)
-                        out_k.append([(text, s)])
-        return VQAOutput(out_a, out_s, out_k, mode)
+                        score = float(np.exp(lp / max(1, k)))
+                        out["answers"][i], out["scores"][i], out["top_k"][i] = text, score, [(text, score)]
+        return VQAOutput(**out, mode=mode)

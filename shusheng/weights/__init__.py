@@ -4,7 +4,7 @@ seed and size, command, steps, wall time, metrics). Every folder is reproducible
 
     >>> from shusheng.weights import bundled_path, list_bundled
     >>> list_bundled()
-    ['shusheng-mini-clip']
+    ['shusheng-mini-clip', 'shusheng-mini-uniperceiver']
     >>> bundled_path("shusheng-mini-clip")       # Path to the folder; raises if it is missing
 """
 
@@ -19,6 +19,8 @@ _ROOT = Path(__file__).resolve().parent
 #: bundled model name -> the command that trains it and writes its folder
 TRAIN_COMMANDS: dict[str, str] = {
     "shusheng-mini-clip": "shusheng train clip --export-dir shusheng/weights/shusheng-mini-clip",
+    "shusheng-mini-uniperceiver": "shusheng train uniperceiver (the stages and exact flags are in "
+                                  "shusheng/weights/shusheng-mini-uniperceiver/MODEL_CARD.md)",
 }
 
 

@@ -1,0 +1,181 @@
+"""The **Caption & VQA** tab: upload or pick a sample image, get a caption, ask questions.
+
+    >>> import gradio as gr
+    >>> from shusheng.uniperceiver import CaptionPipeline, VQAPipeline
+    >>> cap = CaptionPipeline.from_pretrained(); vqa = VQAPipeline(cap.model)
+    >>> with gr.Blocks() as demo:
+    ...     caption_and_vqa_tab(cap, vqa)
+
+In the app (:data:`TAB`) it runs the bundled ``shusheng-mini-uniperceiver``; without its weights the tab says so
+and names the command that makes them. The bundled model knows only driving scenes: when a pipeline output says
+an image is not in its domain (``in_domain`` False), a notice next to the caption or answer says that it is
+unreliable, with the domain score. Only Gradio components and calls into the pipelines live here (no model
+logic); Gradio and torch are imported when the tab is built. Sample images are SynthDrive test scenes rendered
+on demand.
+"""
+
+import math
+from typing import Any  # no postponed annotations here: Gradio reads the event-data annotation of `pick`
+
+from shusheng.apps.tabs import AppContext, TabUnavailable, import_gradio
+
+__all__ = ["TAB", "CaptionVQATab", "answer_question", "answer_with_notice", "caption_and_vqa_tab", "caption_image",
+           "caption_with_notice", "domain_notice", "sample_images"]
+
+#: The bundled model the app's tab runs (= ``shusheng.uniperceiver.pipelines.BUNDLED_MODEL``; not imported here:
+#: that module imports torch).
+BUNDLED_MODEL = "shusheng-mini-uniperceiver"
+
+
+def sample_images(n: int = 6, size: int = 128) -> list[Any]:
+    """The first ``n`` images of the fixed SynthDrive test split (PIL images)."""
+    from shusheng.data import synthdrive as sd
+
+    return [sd.sample(sd.TEST_SEED, i, size)[0] for i in range(n)]
+
+
+def domain_notice(out: Any, index: int = 0, what: str = "answer") -> str:
+    """The warning shown next to item ``index`` of a caption or VQA output whose image does not look like the
+    bundled model's driving scenes (``out.in_domain[index]`` is False), with ``out.domain_score[index]`` (the
+    in-domain p-value; left out when NaN); ``""`` when the item is in the domain or the output has no domain
+    check."""
+    in_domain = getattr(out, "in_domain", None)
+    if in_domain is None or index >= len(in_domain) or in_domain[index] is None or bool(in_domain[index]):
+        return ""
+    scores = getattr(out, "domain_score", None)
+    score = scores[index] if scores is not None and index < len(scores) else None
+    score_text = f" (domain score {float(score):.2g})" if score is not None and not math.isnan(score) else ""
+    return (f"⚠️ This image does not look like the driving scenes the bundled model was trained on{score_text}; "
+            f"the {what} is unreliable.")
+
+
+def caption_with_notice(pipeline_caption, image, num_beams: int = 1) -> tuple[str, str]:
+    """``(caption with its score, domain notice)``, or a message (and no notice) when there is no image."""
+    if image is None:
+        return "Upload or pick an image first.", ""
+    out = pipeline_caption([image], num_beams=int(num_beams))
+    return f"{out.captions[0]}  (score {out.scores[0]:.2f})", domain_notice(out, 0, "caption")
+
+
+def caption_image(pipeline_caption, image, num_beams: int = 1) -> str:
+    """Caption text with its score, or a message when there is no image."""
+    return caption_with_notice(pipeline_caption, image, num_beams)[0]
+
+
+def answer_with_notice(pipeline_vqa, image, question: str,
+                       mode: str = "match") -> tuple[str, list[list[Any]], str]:
+    """``(answer line, table of alternatives, domain notice)`` for one image and question; messages (and no
+    notice) for missing inputs."""
+    if image is None:
+        return "Upload or pick an image first.", [], ""
+    if not question or not question.strip():
+        return "Type a question about the image.", [], ""
+    out = pipeline_vqa([image], question, mode=mode, top_k=5)
+    table = [[a, round(p, 3)] for a, p in out.top_k[0]]
+    return f"{out.answers[0]}  (score {out.scores[0]:.2f})", table, domain_notice(out, 0, "answer")
+
+
+def answer_question(pipeline_vqa, image, question: str, mode: str = "match") -> tuple[str, list[list[Any]]]:
+    """``(answer line, table of alternatives)`` for one image and question; messages for missing inputs."""
+    line, table, _ = answer_with_notice(pipeline_vqa, image, question, mode)
+    return line, table
+
+
+def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | None = None):
+    """Build the tab's components inside the current ``gr.Blocks`` and wire them to the pipelines.
+
+    Args:
+        pipeline_caption: a :class:`~shusheng.uniperceiver.pipelines.CaptionPipeline`.
+        pipeline_vqa: a :class:`~shusheng.uniperceiver.pipelines.VQAPipeline`.
+        samples: images offered as examples (default: 6 SynthDrive test scenes).
+
+    Returns:
+        The ``gr.Tab``.
+    """
+    gr = import_gradio()
+    samples = sample_images() if samples is None else samples
+    with gr.Tab(CaptionVQATab.title) as tab:
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image", height=320)
+                gallery = gr.Gallery(value=samples, label="Samples (click one)", columns=6, height=120,
+                                     allow_preview=False)
+            with gr.Column():
+                beams = gr.Slider(1, 5, value=1, step=1, label="Beam width (1 = greedy)")
+                caption_btn = gr.Button("Caption", variant="primary")
+                caption = gr.Textbox(label="Caption", interactive=False)
+                caption_notice = gr.Markdown("", elem_id="caption-notice")
+                question = gr.Textbox(label="Question", placeholder="Is the traffic light red?")
+                mode = gr.Radio(["match", "generate"], value="match", label="Answer by",
+                                info="match: pick from the answer list; generate: free text")
+                ask_btn = gr.Button("Ask")
+                answer = gr.Textbox(label="Answer", interactive=False)
+                answer_notice = gr.Markdown("", elem_id="answer-notice")
+                alternatives = gr.Dataframe(headers=["answer", "probability"], label="Top answers",
+                                            interactive=False)
+
+        def pick(evt: gr.SelectData):
+            return samples[evt.index]
+
+        gallery.select(pick, None, image)
+        caption_btn.click(lambda im, b: caption_with_notice(pipeline_caption, im, b), [image, beams],
+                          [caption, caption_notice])
+
+        def ask(im, q, m):
+            return answer_with_notice(pipeline_vqa, im, q, m)
+
+        ask_btn.click(ask, [image, question, mode], [answer, alternatives, answer_notice])
+        question.submit(ask, [image, question, mode], [answer, alternatives, answer_notice])
+    return tab
+
+
+def _train_hint(detail: str) -> str:
+    """How to make the bundled weights, unless ``detail`` (a ``BundledWeightsNotFound`` message) says it."""
+    from shusheng.weights import TRAIN_COMMANDS
+
+    command = TRAIN_COMMANDS.get(BUNDLED_MODEL)
+    if command is not None and command in detail:
+        return ""
+    if command is not None:
+        return f"\n\nMake its weights with: `{command}`"
+    return (f"\n\nMake its weights with `shusheng train uniperceiver` (the recipe of the bundled model is in "
+            f"`shusheng/weights/{BUNDLED_MODEL}/MODEL_CARD.md` and docs/uniperceiver.md) and save the model into "
+            f"`shusheng/weights/{BUNDLED_MODEL}/`.")
+
+
+class CaptionVQATab:
+    """The Caption & VQA tab over the bundled ``shusheng-mini-uniperceiver``."""
+
+    title = "Caption & VQA"
+
+    def available(self) -> str | None:
+        """``None`` when the bundled model's folder is there and its pipelines import, else why not."""
+        try:
+            from shusheng.uniperceiver.pipelines import bundled_model_path
+        except ImportError as e:  # torch / transformers missing: the message names the pip install
+            return f"The captioning model cannot be loaded: {e}"
+        try:
+            path = bundled_model_path()
+        except FileNotFoundError as e:  # BundledWeightsNotFound (the message may name the training command)
+            return self._missing(str(e))
+        if not (path / "config.json").is_file():
+            return self._missing(f"{path} has no config.json")
+        return None
+
+    def build(self, ctx: AppContext) -> None:
+        from shusheng.uniperceiver import CaptionPipeline, VQAPipeline
+
+        try:
+            captioner = CaptionPipeline.from_pretrained(device=ctx.device or "cpu")
+        except ImportError as e:
+            raise TabUnavailable(f"The captioning model cannot be loaded: {e}") from e
+        except FileNotFoundError as e:  # weights missing or incomplete
+            raise TabUnavailable(self._missing(str(e))) from e
+        caption_and_vqa_tab(captioner, VQAPipeline(captioner.model))
+
+    @staticmethod
+    def _missing(detail: str) -> str:
+        return f"The bundled captioning model `{BUNDLED_MODEL}` is missing: {detail}{_train_hint(detail)}"
+
+
+TAB = CaptionVQATab()
