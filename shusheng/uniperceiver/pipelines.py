@@ -86,8 +86,9 @@ class _UniPerceiverPipeline(Pipeline):
 
     @staticmethod
     def _domain_from_pooled(pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(B, N, C)`` → ``(B, 2C)``: mean and max over the image-token grid."""
-        return torch.cat([pooled.mean(1), pooled.amax(1)], dim=-1)
+        """Pooled backbone features ``(B, N, C)`` → ``(B, 3C)``: mean, max and standard deviation over the
+        image-token grid (what the decoder sees of the image, read in the same backbone pass)."""
+        return torch.cat([pooled.mean(1), pooled.amax(1), pooled.std(1, unbiased=False)], dim=-1)
 
     def _encode(self, pixels: torch.Tensor, out: dict[str, list], batch) -> torch.Tensor:
         """Image tokens of a batch; fills its in-domain fields (the check reads the same backbone pass)."""
