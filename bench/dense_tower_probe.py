@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from shusheng.backbone import count_components
     from shusheng.data import synthdrive as sd
     from shusheng.miniclip import MiniClip, load_bundled
-    from shusheng.train.clip import load_tower_init
+    from shusheng.miniclip.evaluation import load_tower_init
 
     torch.set_grad_enabled(False)
     model = MiniClip.from_pretrained(args.model) if args.model else load_bundled()

@@ -4,7 +4,7 @@
     python bench/retrieval_quality.py --checkpoint runs/miniclip/final --out bench/results
 
 100 text queries, each with its ground truth written as a predicate over a scene's ``attributes``
-(``shusheng.train.clip.PLAIN_QUERIES`` / ``PARAPHRASE_QUERIES``): 50 attribute queries written as sentences
+(``shusheng.data.PLAIN_QUERIES`` / ``PARAPHRASE_QUERIES``): 50 attribute queries written as sentences
 ("a red car at night", "people crossing in the rain", ...) and 50 paraphrases asking for the same scenes in other
 words ("a crimson automobile after dark", ...). Images go through the public ``embed_images`` (PIL →
 preprocessing from the weights' config) and queries through ``embed_texts``; exact search over the 1,000
@@ -36,18 +36,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def training_vocabulary(n_images: int, cfg) -> set[str]:
-    """Words of the training texts (captions + attribute phrases) of the first ``n_images`` train images."""
+#: image size of the ``shusheng train clip`` recipe (``--image-size``); a scene's visible objects depend on it
+TRAIN_IMAGE_SIZE = 128
+
+
+def training_vocabulary(n_images: int) -> set[str]:
+    """Words of the training texts (captions + attribute phrases, ``shusheng train clip``'s default recipe:
+    :func:`shusheng.data.training_texts`) of the first ``n_images`` train images."""
     from shusheng.data import synthdrive as sd
-    from shusheng.train.clip import SplitCache, build_texts
+    from shusheng.data.synthdrive_queries import training_texts
 
     attrs, caps = [], []
     for i in range(n_images):
-        _, ann = sd.sample(cfg.train_seed, i, cfg.image_size)
+        _, ann = sd.sample(sd.TRAIN_SEED, i, TRAIN_IMAGE_SIZE)
         attrs.append(ann.attributes)
         caps.append(ann.captions)
-    split = SplitCache(images=None, labels=None, attributes=attrs, captions=caps, seed=cfg.train_seed, start=0)
-    texts, _, _ = build_texts(split, cfg)
+    texts, _, _ = training_texts(attrs, caps)
     return {w for t in texts for w in re.findall(r"[a-z0-9/-]+", t.lower())}
 
 
@@ -65,14 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from shusheng.data import synthdrive as sd
+    from shusheng.data.synthdrive_queries import PARAPHRASE_QUERIES, PLAIN_QUERIES, relevance_matrix
     from shusheng.miniclip import MiniClip, load_bundled
-    from shusheng.train.clip import (
-        PARAPHRASE_QUERIES,
-        PLAIN_QUERIES,
-        ClipConfig,
-        evaluate_queries,
-        relevance_matrix,
-    )
+    from shusheng.miniclip.evaluation import evaluate_queries
 
     torch.set_num_threads(2)
     model = load_bundled() if args.checkpoint is None else MiniClip.from_pretrained(args.checkpoint)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     img_emb = model.embed_images(images, batch_size=64)
     t_img = time.perf_counter() - t0
 
-    train_vocab = training_vocabulary(args.vocab_images, ClipConfig())
+    train_vocab = training_vocabulary(args.vocab_images)
     summary, per_query = [], []
     for name, queries in (("plain", PLAIN_QUERIES), ("paraphrase", PARAPHRASE_QUERIES)):
         t0 = time.perf_counter()

@@ -111,10 +111,11 @@ def main(argv=None) -> int:
 
     from shusheng.data import load_image
     from shusheng.data import synthdrive as sd
-    from shusheng.train.uniperceiver import ATTRIBUTE_CLASSES
+    from shusheng.data.synthdrive_queries import ATTRIBUTE_CLASSES
+    from shusheng.modeling import resolve_transform
     from shusheng.uniperceiver.decoding import generate
     from shusheng.uniperceiver.metrics import bleu4, cider_d
-    from shusheng.uniperceiver.pipelines import CaptionPipeline, load_images
+    from shusheng.uniperceiver.pipelines import CaptionPipeline
 
     torch.set_num_threads(2)
     t0 = time.time()
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
             pils.append(img)
             recs.append({"attributes": ann.attributes, "captions": ann.captions, "qa": ann.qa})
     n = len(recs)
-    x, _ = load_images(pils, cfg.image_size, cfg.image_mean, cfg.image_std)
+    transform = resolve_transform(model)  # the preprocessing stored with the weights
+    x = torch.stack([transform(p) for p in pils])
     bs = args.batch_size
     rows, meta = [], {**machine_info(), "n_images": n, "model": str(args.model or "bundled")}
 

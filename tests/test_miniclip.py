@@ -1,6 +1,5 @@
 """shusheng-mini-clip: embedder interface, persistence, the training recipe and CLI, and the bundled weights."""
 
-import argparse
 import json
 import os
 import re
@@ -19,7 +18,9 @@ pytest.importorskip("open_clip")
 pytest.importorskip("accelerate")
 
 from shusheng.data import synthdrive as sd  # noqa: E402
+from shusheng.data import synthdrive_queries as sq  # noqa: E402
 from shusheng.miniclip import MiniClip, load_bundled
+from shusheng.miniclip import evaluation as mc_eval  # noqa: E402
 from shusheng.text_encoders import MiniLMTextEncoder  # noqa: E402
 from shusheng.train import clip as train_clip  # noqa: E402
 
@@ -149,7 +150,7 @@ def test_dense_targets_mark_the_cells_an_object_touches():
     lab = torch.zeros(1, 16, 16, dtype=torch.uint8)
     lab[0, 9, 2] = 3  # one pixel of label 3 in cell (1, 0) of an 8-pixel grid
     lab[0, 0:16, 15] = 1  # a column of label 1 in cells (0, 1) and (1, 1)
-    t = train_clip.dense_targets(lab, 4, cell=8)
+    t = mc_eval.dense_targets(lab, 4, cell=8)
     assert t.shape == (1, 4, 2, 2)
     expected = torch.zeros(1, 4, 2, 2)
     expected[0, 2, 1, 0] = 1
@@ -163,7 +164,7 @@ def test_dense_head_learns_a_fixed_batch_and_round_trips(text_encoder, scenes, t
                      dense_dim=16, **TINY)
     pixels = torch.stack([model.preprocess(img) for img, _ in scenes])
     labels = torch.from_numpy(np.stack([sd.dense_labels(ann) for _, ann in scenes]))
-    target = train_clip.dense_targets(labels, len(sd.DENSE_LABELS))
+    target = mc_eval.dense_targets(labels, len(sd.DENSE_LABELS))
     feats, dense = model.visual.features_and_dense(pixels)
     assert dense.shape == (8, len(sd.DENSE_LABELS), 8, 8) and feats.shape == (8, model.visual.feature_dim)
     opt = torch.optim.AdamW(model.visual.parameters(), lr=3e-3)
@@ -217,7 +218,7 @@ def test_attribute_phrases_state_only_true_facts():
     for i in range(150):
         _, ann = sd.sample(5, i, 64)
         a = ann.attributes
-        phrases = train_clip.attribute_phrases(a, np.random.default_rng(i), 6)
+        phrases = sq.attribute_phrases(a, np.random.default_rng(i), 6)
         assert len(phrases) == len(set(phrases)) and 1 <= len(phrases) <= 6
         vehicle_colors = {v["color"] for v in a["vehicles"]}
         light = {"red": {"red"}, "yellow": {"yellow", "amber"}, "green": {"green"}, "none": set()}[a["light"]]
@@ -261,33 +262,24 @@ def test_attribute_phrases_state_only_true_facts():
 def test_precision_at_k_and_query_ground_truth():
     scores = np.array([[0.9, 0.8, 0.1, 0.7], [0.1, 0.2, 0.3, 0.4]])
     relevant = np.array([[True, False, True, True], [False, False, False, True]])
-    np.testing.assert_allclose(train_clip.precision_at_k(scores, relevant, k=2), [0.5, 0.5])
-    np.testing.assert_allclose(train_clip.precision_at_k(scores, relevant, k=3), [2 / 3, 1 / 3])
-    assert len(train_clip.PLAIN_QUERIES) == 50 and len(train_clip.PARAPHRASE_QUERIES) == 50
+    np.testing.assert_allclose(mc_eval.precision_at_k(scores, relevant, k=2), [0.5, 0.5])
+    np.testing.assert_allclose(mc_eval.precision_at_k(scores, relevant, k=3), [2 / 3, 1 / 3])
+    assert len(sq.PLAIN_QUERIES) == 50 and len(sq.PARAPHRASE_QUERIES) == 50
     night_red = {"time": "night", "weather": "clear", "light": "none", "sign": "none", "crosswalk": False,
                  "vehicles": [{"type": "car", "color": "red", "lane": "left", "box": [0, 0, 1, 1]}],
                  "pedestrians": []}
     day_red = dict(night_red, time="day")
-    assert train_clip.PLAIN_QUERIES[0].relevant(night_red) and not train_clip.PLAIN_QUERIES[0].relevant(day_red)
-    assert train_clip.PARAPHRASE_QUERIES[0].relevant(night_red)
-
-
-def _train_parser():
-    from shusheng.train import cli
-
-    assert "clip" in cli.TRAIN_TASKS
-    p = argparse.ArgumentParser()
-    cli.add_arguments(p)
-    return p, cli
+    assert sq.PLAIN_QUERIES[0].relevant(night_red) and not sq.PLAIN_QUERIES[0].relevant(day_red)
+    assert sq.PARAPHRASE_QUERIES[0].relevant(night_red)
 
 
 def test_training_cli_runs_and_resumes_exactly(tmp_path):
     cache = str(tmp_path / "cache")
-    # uninterrupted: 4 steps through `shusheng train clip` (the registered task)
-    p, cli = _train_parser()
-    args = p.parse_args(["clip", "--output", str(tmp_path / "full"), "--cache-dir", cache, "--steps", "4",
-                         "--save-every", "2", *TINY_FLAGS])
-    assert cli.run(args) == 0
+    # uninterrupted: 4 steps through `shusheng train clip` (the command table's task)
+    from shusheng.cli import main
+
+    assert main(["train", "clip", "--output", str(tmp_path / "full"), "--cache-dir", cache, "--steps", "4",
+                 "--save-every", "2", *TINY_FLAGS]) == 0
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert full["steps"] == 4 and len(full["history"]) == 4
     assert full["tower"]["steps"] == 2 and set(full["tower"]["val_presence_accuracy"]) >= {"traffic light", "sign"}
@@ -497,7 +489,7 @@ def test_tower_init_reads_a_mini_clip_folder_or_a_stage1_tower(text_encoder, tmp
                      dense_dim=16, **TINY)
     model.save_pretrained(tmp_path / "clip", dtype=torch.float16)
     want = model.visual.state_dict()
-    got = train_clip.load_tower_init(tmp_path / "clip")
+    got = mc_eval.load_tower_init(tmp_path / "clip")
     assert set(got) == set(want) and all(v.dtype == torch.float32 for v in got.values())
     for k, v in want.items():  # the fp16 copy of every tower tensor, nothing of the text side
         torch.testing.assert_close(got[k], v.half().float())
@@ -505,9 +497,9 @@ def test_tower_init_reads_a_mini_clip_folder_or_a_stage1_tower(text_encoder, tmp
                      dense_dim=16, **TINY)
     fresh.visual.load_state_dict(got)  # strict: the keys are exactly the tower's
     save_file({k: v.contiguous() for k, v in want.items()}, str(tmp_path / "tower.safetensors"))
-    torch.testing.assert_close(train_clip.load_tower_init(tmp_path / "tower.safetensors"), dict(want))
+    torch.testing.assert_close(mc_eval.load_tower_init(tmp_path / "tower.safetensors"), dict(want))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_clip.load_tower_init(tmp_path / "nope")
+        mc_eval.load_tower_init(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="mini-clip folder"):
-        train_clip.load_tower_init(tmp_path / "empty")
+        mc_eval.load_tower_init(tmp_path / "empty")

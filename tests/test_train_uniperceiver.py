@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from shusheng.data.synthdrive_queries import synthdrive_answers  # noqa: E402
 from shusheng.train import uniperceiver as tu  # noqa: E402
 from shusheng.uniperceiver.model import UniPerceiver  # noqa: E402
 
@@ -41,7 +42,7 @@ def test_run_writes_checkpoints_curve_and_a_loadable_model(full_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert (out / "loss_curve.png").stat().st_size > 1000
     model = UniPerceiver.from_pretrained(out / "final")
-    assert model.config.d_model == 32 and len(model.config.answers) >= len(tu.synthdrive_answers())
+    assert model.config.d_model == 32 and len(model.config.answers) >= len(synthdrive_answers())
 
 
 def test_resume_follows_the_uninterrupted_run(full_run, tmp_path):
@@ -87,7 +88,7 @@ def test_caption_full_p_picks_the_complete_caption_and_leaves_other_draws_alone(
     cfg = tiny_cfg("unused", n_train=16, batch_size=16)
     _, records = tu.load_synthdrive(None, cfg.n_train, cfg.image_size)
     images = torch.zeros(len(records), cfg.image_size, cfg.image_size, 3, dtype=torch.uint8).numpy()
-    answers = tu.synthdrive_answers()
+    answers = synthdrive_answers()
     plain = tu.StepSampler(images, records, cfg, answers)
     always = tu.StepSampler(images, records, tiny_cfg("unused", n_train=16, batch_size=16, caption_full_p=1.0),
                             answers)

@@ -1,8 +1,10 @@
 """Data: the project's one image loader and SynthDrive, procedural driving scenes with exact ground truth.
 
 ``load_image``/``ImageLoadError``/``IMAGE_EXTENSIONS`` are imported eagerly (Pillow and NumPy only). The SynthDrive
-API (``SynthDrive``, ``sample_spec``, ``render``, ``generate``, ...) lives in :mod:`shusheng.data.synthdrive`
-and is imported on first attribute access, so ``import shusheng.data`` stays light.
+API (``SynthDrive``, ``sample_spec``, ``render``, ``generate``, ...) lives in :mod:`shusheng.data.synthdrive`, the
+attribute classes, training targets, query-style phrases and retrieval queries with their ground truth in
+:mod:`shusheng.data.synthdrive_queries`, rendered splits cached on disk in :mod:`shusheng.data.synthdrive_cache`;
+all are imported on first attribute access, so ``import shusheng.data`` stays light.
 """
 
 from __future__ import annotations
@@ -19,10 +21,20 @@ _SYNTHDRIVE = (
     "synthdrive_split",
 )
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageLoadError", "load_image", *_SYNTHDRIVE]
+_QUERIES = (
+    "ATTRIBUTE_CLASSES", "PARAPHRASE_QUERIES", "PLAIN_QUERIES", "TAG_GROUPS", "Query", "attribute_labels",
+    "attribute_phrases", "attribute_tags", "attribute_targets", "relevance_matrix", "synthdrive_answers",
+    "training_texts",
+)
+_CACHE = ("SplitCache", "load_split_cache")
+_LAZY = {**dict.fromkeys(_SYNTHDRIVE, "shusheng.data.synthdrive"),
+         **dict.fromkeys(_QUERIES, "shusheng.data.synthdrive_queries"),
+         **dict.fromkeys(_CACHE, "shusheng.data.synthdrive_cache")}
+
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageLoadError", "load_image", *_SYNTHDRIVE, *_QUERIES, *_CACHE]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SYNTHDRIVE:
-        return getattr(importlib.import_module("shusheng.data.synthdrive"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'shusheng.data' has no attribute {name!r}")

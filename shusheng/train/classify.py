@@ -8,9 +8,18 @@
 Defaults follow the official InternImage ImageNet-1k recipe (spec §13): AdamW (betas 0.9/0.999), base lr 5e-4
 per 512 images scaled linearly with the global batch, weight decay 0.05 except 1-D parameters and biases,
 cosine schedule stepped per iteration with warm-up, label smoothing 0.1 folded into Mixup 0.8 / CutMix 1.0,
-RandAugment + random erasing, EMA 0.9999, gradient clipping 5.0, fp16 autocast on GPU. Optional layer-wise lr
-decay and the DCN lr multiplier of the fine-tuning recipes. Checkpoints (accelerate state + progress) are
-written every ``--save-every`` steps and at the end of each epoch; ``--resume auto`` continues from the newest.
+RandAugment + random erasing, EMA of the weights, gradient clipping 5.0, fp16 autocast on GPU. Optional layer-wise
+lr decay and the DCN lr multiplier of the fine-tuning recipes.
+
+Warm-up and EMA follow the length of the run (``--recipe scaled``, the default): the warm-up is the official 20
+epochs but at most 1/15 of the run, and the EMA decay averages over 5 % of the run's steps, at most the official
+0.9999. For the official 300 epochs both equal the official values; a run of a few epochs warms up for a fraction
+of an epoch and averages recent weights, instead of spending the whole run in the warm-up and evaluating an
+average of the initial weights. ``--recipe official`` uses the official 20 epochs and 0.9999 whatever the run's
+length; ``--warmup-epochs`` and ``--ema-decay`` override either (``--no-ema`` turns EMA off).
+
+Checkpoints (accelerate state + progress) are written every ``--save-every`` steps and at the end of each epoch;
+``--resume auto`` continues from the newest.
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ import json
 import logging
 import math
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +37,15 @@ import torch
 from torch import nn
 
 from shusheng._deps import require
+from shusheng.train import _loop
 
 logger = logging.getLogger(__name__)
 
 DCN_LR_KEYWORDS = ("offset", "attention_weights", "center_feature_scale_proj", "alpha_beta")
+#: the official ImageNet-1k recipe's warm-up and EMA decay (``--recipe official``)
+OFFICIAL_WARMUP_EPOCHS = 20
+OFFICIAL_EMA_DECAY = 0.9999
+RECIPES = ("scaled", "official")
 
 
 @dataclass
@@ -47,7 +60,8 @@ class ClassifyConfig:
     img_size: int = 224
     crop_pct: float = 1.0
     epochs: int = 300
-    warmup_epochs: float = 20
+    recipe: str = "scaled"  # warm-up and EMA decay: "scaled" to the run's length or "official" (see module doc)
+    warmup_epochs: float | None = None  # None: from the recipe
     batch_size: int = 128  # per process
     grad_accum: int = 1
     lr: float = 5e-4  # per 512 images; scaled by the global batch
@@ -64,7 +78,7 @@ class ClassifyConfig:
     aa: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
     color_jitter: float = 0.4
-    ema_decay: float | None = 0.9999
+    ema_decay: float | None = None  # None: from the recipe; 0: no EMA
     amp: str = "auto"  # auto: fp16 on GPU, none on CPU
     workers: int = 4
     seed: int = 0
@@ -75,14 +89,14 @@ class ClassifyConfig:
     log_every: int = 20
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+
 
 # --------------------------------------------------------------------------------------------------------
-# Parameter groups
+# Parameter groups and schedule
 # --------------------------------------------------------------------------------------------------------
-
-def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias")
-
 
 def layer_id_for_internimage(name: str, depths: list[int]) -> int:
     """Layer index for layer-wise lr decay, numbered like the official recipe (0 = stem, last = heads).
@@ -111,20 +125,38 @@ def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float
     Each group carries ``lr_scale``; the training loop multiplies the scheduled lr by it.
     """
     depths = getattr(model, "depths", None)
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        wd = 0.0 if _no_weight_decay(name, p) else weight_decay
+
+    def lr_scale(name: str) -> float:
         scale = 1.0
         if layer_decay is not None and depths is not None:
             num_layers = sum(depths) + 1
             scale *= layer_decay ** (num_layers - layer_id_for_internimage(name, list(depths)))
         if dcn_lr_mul is not None and any(k in name for k in DCN_LR_KEYWORDS):
             scale *= dcn_lr_mul
-        key = (wd, scale)
-        groups.setdefault(key, {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
-    return list(groups.values())
+        return scale
+
+    return _loop.param_groups(model, weight_decay, lr_scale)
+
+
+def resolve_schedule(cfg: ClassifyConfig, steps_per_epoch: int) -> tuple[int, float]:
+    """``(warm-up steps, EMA decay)`` of a run: explicit values of ``cfg`` win, else its recipe decides
+    (``official``: 20 epochs and 0.9999; ``scaled``: the same, at most 1/15 of the run and a horizon of 5 % of
+    its steps). An EMA decay of 0 means no EMA."""
+    total = steps_per_epoch * cfg.epochs
+    official_warmup = int(OFFICIAL_WARMUP_EPOCHS * steps_per_epoch)
+    if cfg.warmup_epochs is not None:
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    elif cfg.recipe == "official":
+        warmup = official_warmup
+    else:
+        warmup = _loop.scaled_warmup(official_warmup, total)
+    if cfg.ema_decay is not None:
+        ema = cfg.ema_decay
+    elif cfg.recipe == "official":
+        ema = OFFICIAL_EMA_DECAY
+    else:
+        ema = _loop.scaled_ema_decay(total, OFFICIAL_EMA_DECAY)
+    return warmup, ema
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,11 +241,6 @@ def build_model(name: str, num_classes: int, drop_path: float = 0.0, checkpoint:
 # Training
 # --------------------------------------------------------------------------------------------------------
 
-def _checkpoints(out: Path) -> list[Path]:
-    ckpts = [p for p in (out / "checkpoints").glob("step_*") if (p / "progress.json").exists()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
-
-
 def _save(model: nn.Module, path: Path) -> None:
     """``save_pretrained`` when the model has it (shusheng models), else a plain safetensors state dict."""
     if hasattr(model, "save_pretrained"):
@@ -230,7 +257,6 @@ def train(cfg: ClassifyConfig) -> dict:
     accelerate = require("accelerate", extra="train")
     timm_data = require("timm.data", extra="backbone", package="timm")
     timm_loss = require("timm.loss", extra="backbone", package="timm")
-    timm_sched = require("timm.scheduler", extra="backbone", package="timm")
     timm_utils = require("timm.utils", extra="backbone", package="timm")
     from tqdm.auto import tqdm
 
@@ -263,10 +289,16 @@ def train(cfg: ClassifyConfig) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    sched = timm_sched.CosineLRScheduler(
-        opt, t_initial=steps_per_epoch * cfg.epochs, lr_min=cfg.min_lr * scale, warmup_lr_init=cfg.warmup_lr * scale,
-        warmup_t=int(cfg.warmup_epochs * steps_per_epoch), cycle_limit=1, t_in_epochs=False)
-    ema = timm_utils.ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay) if cfg.ema_decay else None
+    warmup_steps, ema_decay = resolve_schedule(cfg, steps_per_epoch)
+    logger.info("%d steps per epoch; warm-up %d steps, EMA decay %s", steps_per_epoch, warmup_steps,
+                ema_decay or "off")
+
+    def lr_at(step: int) -> float:  # the official recipe: the warm-up overlays the first steps of the cosine
+        return cfg.lr * scale * _loop.warmup_cosine(
+            step, warmup_steps, decay_start=0, decay_steps=steps_per_epoch * cfg.epochs,
+            floor=cfg.min_lr / cfg.lr, start=cfg.warmup_lr / cfg.lr)
+
+    ema = timm_utils.ModelEmaV3(acc.unwrap_model(model), decay=ema_decay) if ema_decay else None
     if ema is not None:
         acc.register_for_checkpointing(ema)
 
@@ -281,25 +313,15 @@ def train(cfg: ClassifyConfig) -> dict:
         criterion = nn.CrossEntropyLoss()
 
     step, start_epoch, skip_batches, history = 0, 0, 0, []
-    ckpts = _checkpoints(out)
-    resume_dir = (ckpts[-1] if ckpts else None) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if resume_dir is not None:
-        acc.load_state(str(resume_dir))
-        prog = json.loads((resume_dir / "progress.json").read_text())
+    prog = _loop.load_checkpoint(acc, out, cfg.resume)
+    if prog is not None:
         step, start_epoch, history = prog["step"], prog["epoch"], prog["history"]
         skip_batches = prog["batch_in_epoch"]
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, step, start_epoch, skip_batches)
+    _loop.set_lr(opt, lr_at(step))
 
     def save(epoch: int, batch_in_epoch: int) -> None:
-        d = out / "checkpoints" / f"step_{step}"
-        if (d / "progress.json").exists():  # already saved at this step (save_every hit the last step)
-            return
-        acc.save_state(str(d))
-        if acc.is_main_process:
-            (d / "progress.json").write_text(json.dumps(
-                {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "history": history}))
-            for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old)
+        _loop.save_checkpoint(acc, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                         "history": history}, cfg.keep_checkpoints)
 
     model.train()
     t0 = time.time()
@@ -332,7 +354,7 @@ def train(cfg: ClassifyConfig) -> dict:
                 continue
             step += 1
             batch_in_epoch += 1
-            sched.step_update(step)  # timm applies each group's lr_scale
+            _loop.set_lr(opt, lr_at(step))  # times each group's lr_scale
             if ema is not None:
                 ema.update(acc.unwrap_model(model), step=step)
             history.append({"step": step, "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"]})
@@ -352,7 +374,8 @@ def train(cfg: ClassifyConfig) -> dict:
             save(epoch, batch_in_epoch)
     bar.close()
 
-    metrics = {"steps": step, "wall_time_s": time.time() - t0, "final_loss": history[-1]["loss"] if history else None}
+    metrics = {"steps": step, "wall_time_s": time.time() - t0, "final_loss": history[-1]["loss"] if history else None,
+               "warmup_steps": warmup_steps, "ema_decay": ema_decay}
     acc.wait_for_everyone()
     if acc.is_main_process:
         _save(acc.unwrap_model(model), out / "final")
@@ -417,14 +440,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", required=True, help="ImageFolder root of the training images")
     p.add_argument("--val-dir", default=None, help="ImageFolder root evaluated at the end")
     p.add_argument("--output", default=d.output)
+    p.add_argument("--recipe", choices=RECIPES, default=d.recipe,
+                   help="warm-up and EMA decay scaled to the run's length (default) or the official 20 epochs and "
+                        "0.9999 whatever the length")
+    helps = {"warmup_epochs": "warm-up epochs (default: from --recipe)",
+             "ema_decay": "EMA decay (default: from --recipe; 0 = no EMA)"}
     for name, value in asdict(d).items():
-        if name in ("data_dir", "val_dir", "output", "extra"):
+        if name in ("data_dir", "val_dir", "output", "recipe", "extra"):
             continue
         flag = "--" + name.replace("_", "-")
-        kind = type(value) if value is not None else (float if name in ("layer_decay", "dcn_lr_mul", "ema_decay") else
-                                                      int if name == "max_steps" else str)
-        p.add_argument(flag, type=kind, default=value)
-    p.add_argument("--no-ema", dest="ema_decay", action="store_const", const=None, help="disable EMA")
+        kind = type(value) if value is not None else (
+            float if name in ("layer_decay", "dcn_lr_mul", "ema_decay", "warmup_epochs") else
+            int if name == "max_steps" else str)
+        p.add_argument(flag, type=kind, default=value, help=helps.get(name))
+    p.add_argument("--no-ema", dest="ema_decay", action="store_const", const=0.0, help="disable EMA")
 
 
 def config_from_args(args: argparse.Namespace) -> ClassifyConfig:

@@ -8,21 +8,22 @@ on SynthDrive captions, with open_clip's contrastive loss.
 Recipe (LiT with the towers' roles swapped: the text side is locked):
 
 1. Data: ``train_size`` SynthDrive images of the train split (seed ``train_seed``, never the val or test seeds)
-   are rendered once into ``cache_dir`` (uint8 images, per-pixel object labels, captions and attributes).
+   are rendered once into ``cache_dir`` (uint8 images, per-pixel object labels, captions and attributes;
+   :func:`shusheng.data.load_split_cache`).
 2. Stage 1, dense object pre-training of the image tower (``tower_steps``; skipped when already done): the
    tower's dense head predicts, for each stride-8 cell, which described objects it shows
    (``shusheng.data.synthdrive.DENSE_LABELS``: vehicle colour x type, pedestrians, traffic-light state, sign
-   kind, crosswalk), plus per-image presence and time of day / weather. Measured here: trained contrastively
-   from scratch, or with an image-level attribute loss, the tower learned time of day and weather within a few
-   hundred steps but stayed at chance on traffic lights, signs and vehicle colours after 800 steps (their
-   heads are a few pixels at 128 px); per-cell supervision is what makes them learnable on a CPU budget.
-   ``tower_init`` starts the stage from an existing tower (a mini-clip folder or a stage-1
-   ``tower.safetensors``) instead of random weights, to train a tower further on more images.
+   kind, crosswalk), plus per-image presence and time of day / weather: small objects (traffic-light and sign
+   heads are a few pixels at 128 px) get a supervised signal per cell rather than only through the image-level
+   contrastive loss (the shusheng-mini-clip model card says what that changed). ``tower_init`` starts the
+   stage from an existing tower (a mini-clip folder or a stage-1 ``tower.safetensors``) instead of random
+   weights, to train a tower further on more images.
 3. Texts: for each image, ``captions_per_image`` of its SynthDrive captions (the first, which states every fact,
    and others drawn at random) plus ``phrases_per_image`` short query-style phrases generated from its
-   ``attributes`` by :func:`attribute_phrases` ("a red car at night", "people crossing the street in the
-   rain"; each states only facts of the scene). The frozen MiniLM embeds every distinct text once; the
-   embeddings are cached (the text tower costs nothing during training).
+   ``attributes`` by :func:`shusheng.data.attribute_phrases` ("a red car at night", "people crossing the
+   street in the rain"; each states only facts of the scene), chosen by :func:`shusheng.data.training_texts`.
+   The frozen MiniLM embeds every distinct text once; the embeddings are cached (the text tower costs nothing
+   during training).
 4. Text features: frozen MiniLM embedding → anchor expansion (``num_anchors`` training texts stored with the
    weights; see ``MiniClipConfig``) → residual linear adapter → L2 norm, identically in training and inference.
 5. Stage 2, contrastive alignment (``steps``): each step draws a batch of images and, per image,
@@ -31,13 +32,15 @@ Recipe (LiT with the towers' roles swapped: the text side is locked):
    With ``freeze_tower`` (default) the tower's image features are computed once and only the projection, the
    text adapter and the logit scale are trained (seconds per hundred steps); otherwise the whole tower is
    trained end to end. Optional (off by default): an auxiliary attribute-prediction loss on the image
-   embedding (``aux_weight``). AdamW, linear warm-up then cosine decay (timm's ``CosineLRScheduler``, per
-   step), no weight decay on 1-D parameters and biases, gradient clipping.
+   embedding (``aux_weight``, targets :func:`shusheng.data.attribute_targets`). AdamW, linear warm-up then
+   cosine decay per step (``shusheng.train._loop.warmup_cosine``), no weight decay on 1-D parameters and
+   biases, gradient clipping.
 6. Every ``eval_every`` steps: stage 1 reports the dense head's per-image presence accuracy on the val split,
-   stage 2 the precision@10 of the retrieval-quality queries (:data:`PLAIN_QUERIES`, :data:`PARAPHRASE_QUERIES`);
-   at the end the fixed test set is evaluated. Checkpoints every ``save_every`` steps (stage 1:
-   ``tower/checkpoints``; stage 2: accelerate state + progress in ``checkpoints``); ``--resume auto``
-   continues from the newest one, with the same batches and texts as an uninterrupted run.
+   stage 2 the precision@10 of the retrieval-quality queries (``shusheng.data.PLAIN_QUERIES`` /
+   ``PARAPHRASE_QUERIES``; :mod:`shusheng.miniclip.evaluation`); at the end the fixed test set is evaluated.
+   Checkpoints every ``save_every`` steps (stage 1: ``tower/checkpoints``; stage 2: accelerate state + progress
+   in ``checkpoints``); ``--resume auto`` continues from the newest one, with the same batches and texts as an
+   uninterrupted run.
 
 Outputs in ``output``: ``config.json``, ``checkpoints/step_N``, ``final/`` (``save_pretrained``, fp32,
 with ``MODEL_CARD.md``), ``metrics.json`` (history, evaluations, test metrics), ``loss_curve.png``; with
@@ -51,7 +54,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -65,11 +67,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from shusheng._deps import require
+from shusheng.data.synthdrive_cache import SplitCache, load_split_cache
+from shusheng.data.synthdrive_queries import (
+    PARAPHRASE_QUERIES,
+    PLAIN_QUERIES,
+    attribute_targets,
+    training_texts,
+)
+from shusheng.data.synthdrive_render import TIMES, WEATHERS
+from shusheng.miniclip.evaluation import (
+    dense_targets,
+    evaluate_dense,
+    evaluate_split,
+    load_tower_init,
+)
+from shusheng.train import _loop
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PARAPHRASE_QUERIES", "PLAIN_QUERIES", "ClipConfig", "Query", "attribute_phrases", "evaluate_queries",
-           "load_split_cache", "main", "precision_at_k", "train"]
+# attribute_phrases, precision_at_k, dense_targets, load_tower_init and the query sets live in shusheng.data and
+# shusheng.miniclip.evaluation; they stay importable from here for existing callers
+__all__ = ["ClipConfig", "main", "train"]
 
 
 @dataclass
@@ -88,7 +106,7 @@ class ClipConfig:
     groups: tuple[int, ...] = (2, 4, 8, 16)
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
-    text_adapter: bool = False  # a residual linear map on text embeddings: fits the training wordings, hurts paraphrases
+    text_adapter: bool = False  # a residual linear map on text embeddings (fits the training wordings: model card)
     num_anchors: int = 4096  # training texts kept as anchors for text-embedding expansion (0 = off)
     anchor_k: int = 10
     anchor_tau: float = 0.05
@@ -138,384 +156,8 @@ class ClipConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Retrieval-quality queries (used by bench/retrieval_quality.py and by the evaluations during training)
+# Data: cached text embeddings and the training set
 # --------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Query:
-    """A text query and the ground truth: ``relevant(attributes)`` says whether a scene satisfies it."""
-
-    text: str
-    relevant: Callable[[dict], bool]
-
-
-def _veh(a: dict, color: str | None = None, vtype: str | None = None) -> bool:
-    return any((color is None or v["color"] == color) and (vtype is None or v["type"] == vtype)
-               for v in a["vehicles"])
-
-
-def _cross(a: dict) -> bool:
-    return any(p["on_crosswalk"] for p in a["pedestrians"])
-
-
-def _walk(a: dict) -> bool:
-    return any(not p["on_crosswalk"] for p in a["pedestrians"])
-
-
-def _is(a: dict, **kv: Any) -> bool:
-    return all(a[k] == v for k, v in kv.items())
-
-
-#: 50 attribute queries written as sentences, each with its ground truth over SynthDrive ``attributes``
-PLAIN_QUERIES: tuple[Query, ...] = (
-    Query("a red car at night", lambda a: _is(a, time="night") and _veh(a, "red", "car")),
-    Query("people crossing in the rain", lambda a: _is(a, weather="rain") and _cross(a)),
-    Query("a white car during the day", lambda a: _is(a, time="day") and _veh(a, "white", "car")),
-    Query("a blue car", lambda a: _veh(a, "blue", "car")),
-    Query("a black car in the fog", lambda a: _is(a, weather="fog") and _veh(a, "black", "car")),
-    Query("a yellow bus", lambda a: _veh(a, "yellow", "bus")),
-    Query("a truck at night", lambda a: _is(a, time="night") and _veh(a, vtype="truck")),
-    Query("a bus in the rain", lambda a: _is(a, weather="rain") and _veh(a, vtype="bus")),
-    Query("a green traffic light", lambda a: _is(a, light="green")),
-    Query("a red traffic light", lambda a: _is(a, light="red")),
-    Query("a yellow traffic light", lambda a: _is(a, light="yellow")),
-    Query("a red traffic light at night", lambda a: _is(a, light="red", time="night")),
-    Query("a green light in the fog", lambda a: _is(a, light="green", weather="fog")),
-    Query("a stop sign", lambda a: _is(a, sign="stop")),
-    Query("a yield sign", lambda a: _is(a, sign="yield")),
-    Query("a speed limit 30 sign", lambda a: _is(a, sign="speed_30")),
-    Query("a speed limit 50 sign", lambda a: _is(a, sign="speed_50")),
-    Query("a speed limit 80 sign", lambda a: _is(a, sign="speed_80")),
-    Query("a stop sign at night", lambda a: _is(a, sign="stop", time="night")),
-    Query("a crosswalk at dusk", lambda a: _is(a, crosswalk=True, time="dusk")),
-    Query("a zebra crossing in the rain", lambda a: _is(a, crosswalk=True, weather="rain")),
-    Query("pedestrians on the sidewalk", _walk),
-    Query("people crossing the street", _cross),
-    Query("a pedestrian at night", lambda a: _is(a, time="night") and bool(a["pedestrians"])),
-    Query("an empty road with no vehicles", lambda a: not a["vehicles"]),
-    Query("an empty street at night", lambda a: _is(a, time="night") and not a["vehicles"]),
-    Query("a rainy street at night", lambda a: _is(a, weather="rain", time="night")),
-    Query("a foggy road during the day", lambda a: _is(a, weather="fog", time="day")),
-    Query("a street on a clear day", lambda a: _is(a, weather="clear", time="day")),
-    Query("a street at dusk", lambda a: _is(a, time="dusk")),
-    Query("a foggy evening", lambda a: _is(a, weather="fog", time="dusk")),
-    Query("a silver car in the rain", lambda a: _is(a, weather="rain") and _veh(a, "silver", "car")),
-    Query("a green car", lambda a: _veh(a, "green", "car")),
-    Query("an orange car", lambda a: _veh(a, "orange", "car")),
-    Query("a red truck", lambda a: _veh(a, "red", "truck")),
-    Query("a white truck", lambda a: _veh(a, "white", "truck")),
-    Query("a blue bus", lambda a: _veh(a, "blue", "bus")),
-    Query("a car and a bus", lambda a: _veh(a, vtype="car") and _veh(a, vtype="bus")),
-    Query("a truck and a pedestrian", lambda a: _veh(a, vtype="truck") and bool(a["pedestrians"])),
-    Query("heavy traffic with many vehicles", lambda a: len(a["vehicles"]) >= 4),
-    Query("a red car and a green traffic light", lambda a: _is(a, light="green") and _veh(a, "red", "car")),
-    Query("a bus at a red light", lambda a: _is(a, light="red") and _veh(a, vtype="bus")),
-    Query("people crossing at a crosswalk at night", lambda a: _is(a, time="night") and _cross(a)),
-    Query("a yellow car during the day", lambda a: _is(a, time="day") and _veh(a, "yellow", "car")),
-    Query("a white car at night", lambda a: _is(a, time="night") and _veh(a, "white", "car")),
-    Query("a black car", lambda a: _veh(a, "black", "car")),
-    Query("a stop sign and a crosswalk", lambda a: _is(a, sign="stop", crosswalk=True)),
-    Query("a yield sign in the fog", lambda a: _is(a, sign="yield", weather="fog")),
-    Query("a car in the fog at night", lambda a: _is(a, weather="fog", time="night") and _veh(a, vtype="car")),
-    Query("a pedestrian on the sidewalk during the day", lambda a: _is(a, time="day") and _walk(a)),
-)
-
-#: 50 queries asking for the same kinds of scenes in other words (synonyms, other sentence shapes)
-PARAPHRASE_QUERIES: tuple[Query, ...] = (
-    Query("a crimson automobile after dark", PLAIN_QUERIES[0].relevant),
-    Query("pedestrians walking across the road during a downpour", PLAIN_QUERIES[1].relevant),
-    Query("a snow-white sedan in broad daylight", PLAIN_QUERIES[2].relevant),
-    Query("a navy blue automobile", PLAIN_QUERIES[3].relevant),
-    Query("a jet-black sedan in the mist", PLAIN_QUERIES[4].relevant),
-    Query("a yellow coach carrying passengers", PLAIN_QUERIES[5].relevant),
-    Query("a lorry driving after nightfall", PLAIN_QUERIES[6].relevant),
-    Query("a city bus during a rainstorm", PLAIN_QUERIES[7].relevant),
-    Query("the traffic signal shows go", PLAIN_QUERIES[8].relevant),
-    Query("a traffic signal telling drivers to halt", PLAIN_QUERIES[9].relevant),
-    Query("a traffic signal glowing amber", PLAIN_QUERIES[10].relevant),
-    Query("a signal showing stop in the middle of the night", PLAIN_QUERIES[11].relevant),
-    Query("a go signal in misty conditions", PLAIN_QUERIES[12].relevant),
-    Query("an octagonal halt sign by the road", PLAIN_QUERIES[13].relevant),
-    Query("a sign telling drivers to give way", PLAIN_QUERIES[14].relevant),
-    Query("a sign restricting speed to thirty", PLAIN_QUERIES[15].relevant),
-    Query("a fifty kilometres per hour limit", PLAIN_QUERIES[16].relevant),
-    Query("a sign capping the speed at eighty", PLAIN_QUERIES[17].relevant),
-    Query("a halt sign in the darkness", PLAIN_QUERIES[18].relevant),
-    Query("a striped pedestrian crossing at sundown", PLAIN_QUERIES[19].relevant),
-    Query("a pedestrian crossing on a wet, drizzly street", PLAIN_QUERIES[20].relevant),
-    Query("people strolling along the footpath", PLAIN_QUERIES[21].relevant),
-    Query("walkers going over the road", PLAIN_QUERIES[22].relevant),
-    Query("someone on foot after nightfall", PLAIN_QUERIES[23].relevant),
-    Query("a deserted road without any traffic", PLAIN_QUERIES[24].relevant),
-    Query("a deserted street in the dark of night", PLAIN_QUERIES[25].relevant),
-    Query("a street during a nighttime downpour", PLAIN_QUERIES[26].relevant),
-    Query("a misty road in daylight", PLAIN_QUERIES[27].relevant),
-    Query("a road under a bright cloudless sky", PLAIN_QUERIES[28].relevant),
-    Query("a street at sundown", PLAIN_QUERIES[29].relevant),
-    Query("a hazy evening with poor visibility", PLAIN_QUERIES[30].relevant),
-    Query("a metallic grey automobile in a rainstorm", PLAIN_QUERIES[31].relevant),
-    Query("an emerald-coloured automobile", PLAIN_QUERIES[32].relevant),
-    Query("a tangerine-coloured sedan", PLAIN_QUERIES[33].relevant),
-    Query("a scarlet lorry", PLAIN_QUERIES[34].relevant),
-    Query("a white delivery lorry", PLAIN_QUERIES[35].relevant),
-    Query("a blue coach", PLAIN_QUERIES[36].relevant),
-    Query("an automobile together with a coach", PLAIN_QUERIES[37].relevant),
-    Query("a lorry and someone walking", PLAIN_QUERIES[38].relevant),
-    Query("a congested road full of traffic", PLAIN_QUERIES[39].relevant),
-    Query("a scarlet sedan while the signal shows go", PLAIN_QUERIES[40].relevant),
-    Query("a coach waiting at a stop signal", PLAIN_QUERIES[41].relevant),
-    Query("walkers on the zebra stripes after nightfall", PLAIN_QUERIES[42].relevant),
-    Query("a golden sedan in the daytime", PLAIN_QUERIES[43].relevant),
-    Query("a snow-white automobile in the darkness", PLAIN_QUERIES[44].relevant),
-    Query("a jet-black automobile", PLAIN_QUERIES[45].relevant),
-    Query("a halt sign next to a pedestrian crossing", PLAIN_QUERIES[46].relevant),
-    Query("a give-way sign in the haze", PLAIN_QUERIES[47].relevant),
-    Query("an automobile in the mist after nightfall", PLAIN_QUERIES[48].relevant),
-    Query("someone walking on the pavement in daylight", PLAIN_QUERIES[49].relevant),
-)
-
-
-def precision_at_k(scores: np.ndarray, relevant: np.ndarray, k: int = 10) -> np.ndarray:
-    """Per query, the fraction of the top-``k`` items (by score, ties broken by index) that are relevant.
-
-    Args:
-        scores: ``(n_queries, n_items)`` similarities.
-        relevant: ``(n_queries, n_items)`` booleans.
-        k: cut-off.
-    """
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, k)
-    return np.take_along_axis(relevant, top, axis=1).mean(axis=1)
-
-
-def relevance_matrix(queries: Sequence[Query], attributes: Sequence[dict]) -> np.ndarray:
-    """``(n_queries, n_items)`` booleans: does item ``j``'s scene satisfy query ``i``?"""
-    return np.array([[bool(q.relevant(a)) for a in attributes] for q in queries], dtype=bool)
-
-
-def evaluate_queries(image_emb: np.ndarray, query_emb: np.ndarray, queries: Sequence[Query],
-                     attributes: Sequence[dict], k: int = 10) -> dict[str, Any]:
-    """Exact-search precision@k of ``queries`` over images with the given embeddings and ``attributes``.
-
-    Returns:
-        ``{"p_at_k": mean, "k": k, "per_query": [{"query", "p_at_k", "n_relevant"}, ...]}``.
-    """
-    rel = relevance_matrix(queries, attributes)
-    p = precision_at_k(query_emb @ image_emb.T, rel, k)
-    per = [{"query": q.text, "p_at_k": float(v), "n_relevant": int(r.sum())} for q, v, r in zip(queries, p, rel)]
-    return {"p_at_k": float(p.mean()), "k": k, "per_query": per}
-
-
-# --------------------------------------------------------------------------------------------------------
-# Query-style phrases generated from the attributes (only true facts)
-# --------------------------------------------------------------------------------------------------------
-
-_NUM = {2: "two", 3: "three", 4: "four", 5: "five"}
-_PLURAL = {"car": "cars", "truck": "trucks", "bus": "buses"}
-_TIME = {"day": ("during the day", "in daylight", "in the daytime", "by day"),
-         "dusk": ("at dusk", "at sunset", "at twilight", "in the evening"),
-         "night": ("at night", "after dark", "at nighttime", "in the dark")}
-_WEATHER = {"clear": ("in clear weather", "under a clear sky"),
-            "rain": ("in the rain", "in rainy weather", "in heavy rain", "on a wet road"),
-            "fog": ("in the fog", "in fog", "in foggy weather", "in thick fog")}
-_WEATHER_ADJ = {"clear": ("clear", "dry"), "rain": ("rainy", "wet"), "fog": ("foggy", "misty")}
-_TIME_NOUN = {"day": ("day",), "dusk": ("evening", "dusk"), "night": ("night",)}
-_PLACE = ("street", "road", "city street", "intersection approach")
-_LIGHT_WORDS = {"red": ("red",), "yellow": ("yellow", "amber"), "green": ("green",)}
-
-
-def _a(word: str) -> str:
-    return "an" if word[:1] in "aeiou8" else "a"
-
-
-def _subjects(a: dict, rng: np.random.Generator) -> list[str]:
-    """Noun phrases, each true of the scene with attributes ``a``."""
-    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-    out: list[str] = []
-    veh = a["vehicles"]
-    by_ct: dict[tuple[str, str], int] = {}
-    by_t: dict[str, int] = {}
-    for v in veh:
-        by_ct[(v["color"], v["type"])] = by_ct.get((v["color"], v["type"]), 0) + 1
-        by_t[v["type"]] = by_t.get(v["type"], 0) + 1
-    for (color, vtype), n in by_ct.items():
-        out.append(f"{_a(color)} {color} {vtype}" if n == 1 else f"{pick((_NUM[n] + ' ', ''))}{color} {_PLURAL[vtype]}")
-        out.append(f"{_a(color)} {color} vehicle" if n == 1 else f"{color} vehicles")
-    for vtype, n in by_t.items():
-        out.append(f"{_a(vtype)} {vtype}" if n == 1 else f"{_NUM[n]} {_PLURAL[vtype]}")
-    if not veh:
-        out += ["an empty road", "no cars", "a road with no traffic", "no vehicles", "an empty street"]
-    elif len(veh) >= 4:
-        out += ["heavy traffic", "a busy road", "lots of vehicles", f"{_NUM[len(veh)]} vehicles"]
-    elif len(veh) >= 2:
-        out.append(f"{_NUM[len(veh)]} vehicles")
-    n_cross = sum(1 for p in a["pedestrians"] if p["on_crosswalk"])
-    n_walk = len(a["pedestrians"]) - n_cross
-    if n_cross == 1:
-        out += [pick(("a pedestrian crossing the street", "a person on the crosswalk", "someone crossing the road",
-                      "a pedestrian crossing"))]
-    elif n_cross > 1:
-        out += [pick(("people crossing the street", "pedestrians on the crosswalk", "people crossing the road",
-                      "pedestrians crossing", f"{_NUM[n_cross]} people crossing"))]
-    if n_walk == 1:
-        out += [pick(("a person on the sidewalk", "a pedestrian on the sidewalk", "someone walking on the sidewalk"))]
-    elif n_walk > 1:
-        out += [pick(("people on the sidewalk", "pedestrians walking on the sidewalk", "people walking on the sidewalk"))]
-    if a["pedestrians"]:
-        out.append(pick(("a pedestrian", "people on foot", "a person")) if len(a["pedestrians"]) == 1 else
-                   pick(("pedestrians", "people on foot", "people")))
-    else:
-        out.append(pick(("no pedestrians", "nobody on foot")))
-    if a["light"] != "none":
-        w = pick(_LIGHT_WORDS[a["light"]])
-        out.append(pick((f"{_a(w)} {w} traffic light", f"{_a(w)} {w} light", f"a traffic light showing {w}",
-                         f"{_a(w)} {w} signal")))
-    sign = a["sign"]
-    if sign == "stop":
-        out.append("a stop sign")
-    elif sign == "yield":
-        out.append(pick(("a yield sign", "a give-way sign")))
-    elif sign != "none":
-        n = sign.split("_")[1]
-        out.append(pick((f"a speed limit {n} sign", f"{_a(n)} {n} km/h sign", f"a speed limit of {n}")))
-    if a["crosswalk"]:
-        out.append(pick(("a crosswalk", "a zebra crossing")))
-    return out
-
-
-def _context(a: dict, rng: np.random.Generator) -> str:
-    """``at night``, ``in the rain``, ``at night in the rain``, ... (true of the scene)."""
-    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-    t, w = pick(_TIME[a["time"]]), pick(_WEATHER[a["weather"]])
-    return pick((t, t, w, f"{t} {w}", f"{w} {t}"))
-
-
-def _scene(a: dict, rng: np.random.Generator) -> str:
-    """A scene-level phrase: ``a rainy street at night``, ``a foggy evening``, ``a sunny day``."""
-    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-    adj = pick(_WEATHER_ADJ[a["weather"]])
-    if a["time"] == "day" and a["weather"] == "clear" and rng.random() < 0.3:
-        adj = "sunny"
-    shape = int(rng.integers(3))
-    if shape == 0:
-        return f"{_a(adj)} {adj} {pick(_PLACE)} {pick(_TIME[a['time']])}"
-    if shape == 1:
-        return f"{_a(adj)} {adj} {pick(_TIME_NOUN[a['time']])}"
-    return f"{_a(pick(_PLACE))} {pick(_PLACE)} {_context(a, rng)}".replace("an street", "a street")
-
-
-def attribute_phrases(attributes: dict, rng: np.random.Generator, n: int = 6) -> list[str]:
-    """``n`` distinct short query-style phrases about a scene, each stating only facts of ``attributes``.
-
-    Shapes: ``<subject> <context>`` ("a red car at night"), ``<subject> and <subject>`` ("a bus and a stop
-    sign"), ``<scene>`` ("a rainy street at night", "a foggy evening"), ``a <place> with <subject> <context>``
-    and a bare ``<subject>``. Subjects cover vehicles (colour, type, counts, empty roads, heavy traffic),
-    pedestrians (crossing, on the sidewalk, none), the traffic light, the sign and the crosswalk; contexts the
-    time of day and the weather.
-    """
-    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-    subjects = _subjects(attributes, rng)
-    out: list[str] = []
-    for _ in range(8 * n):
-        if len(out) >= n:
-            break
-        r = rng.random()
-        s = pick(subjects)
-        if r < 0.4:
-            text = f"{s} {_context(attributes, rng)}"
-        elif r < 0.6:
-            others = [x for x in subjects if x != s]
-            text = f"{s} and {pick(others)}" if others else s
-            if rng.random() < 0.5:
-                text += " " + _context(attributes, rng)
-        elif r < 0.75:
-            text = _scene(attributes, rng)
-        elif r < 0.9:
-            place = pick(_PLACE)
-            text = f"{_a(place)} {place} with {s}" + (f" {_context(attributes, rng)}" if rng.random() < 0.6 else "")
-        else:
-            text = s
-        if text not in out:
-            out.append(text)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# Data: rendered splits (uint8 images + annotations) and cached text embeddings
-# --------------------------------------------------------------------------------------------------------
-
-@dataclass
-class SplitCache:
-    """A rendered SynthDrive split in memory: ``images`` ``(N, 3, S, S)`` uint8, ``labels`` ``(N, S, S)`` uint8
-    per-pixel object labels (:func:`shusheng.data.synthdrive.dense_labels`), per-image annotations."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    attributes: list[dict]
-    captions: list[list[str]]
-    seed: int
-    start: int
-
-
-def load_split_cache(cache_dir: str | Path, seed: int, n: int, size: int = 128, start: int = 0,
-                     progress: bool = True) -> SplitCache:
-    """Render images ``start .. start+n-1`` of the SynthDrive split seeded ``seed`` once (in this process) into
-    ``cache_dir/synthdrive_s{seed}_i{start}_n{n}_{size}px`` and load them.
-
-    The folder holds ``images.npy`` (``(N, S, S, 3)`` uint8), ``labels.npy`` (``(N, S, S)`` uint8 dense object
-    labels), ``annotations.jsonl`` (attributes and captions) and ``meta.json`` (written last: a folder without
-    it, or with an older format, is rendered again).
-    """
-    from tqdm.auto import tqdm
-
-    from shusheng.data import synthdrive as sd
-
-    folder = Path(cache_dir) / f"synthdrive_s{seed}_i{start}_n{n}_{size}px"
-    meta = {"seed": seed, "start": start, "n": n, "size": size, "format": 2}
-    meta_file = folder / "meta.json"
-    if not (meta_file.is_file() and json.loads(meta_file.read_text()) == meta):
-        folder.mkdir(parents=True, exist_ok=True)
-        meta_file.unlink(missing_ok=True)
-        t0 = time.time()
-        arr = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        lab = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
-        with open(folder / "annotations.jsonl", "w", encoding="utf-8") as f:
-            for i in tqdm(range(n), desc=f"render seed {seed}", disable=not progress, mininterval=10):
-                img, ann = sd.sample(seed, start + i, size)
-                arr[i] = np.asarray(img, dtype=np.uint8)
-                lab[i] = sd.dense_labels(ann)
-                f.write(json.dumps({"index": start + i, "attributes": ann.attributes, "captions": ann.captions})
-                        + "\n")
-        arr.flush()
-        lab.flush()
-        del arr, lab
-        meta_file.write_text(json.dumps(meta))
-        logger.info("rendered %d SynthDrive images (seed %d) into %s in %.1f s", n, seed, folder, time.time() - t0)
-    images = torch.from_numpy(np.load(folder / "images.npy")).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-    labels = torch.from_numpy(np.load(folder / "labels.npy"))
-    anns = [json.loads(line) for line in (folder / "annotations.jsonl").read_text(encoding="utf-8").splitlines()]
-    return SplitCache(images, labels, [a["attributes"] for a in anns], [a["captions"] for a in anns], seed, start)
-
-
-def build_texts(split: SplitCache, cfg: ClipConfig) -> tuple[list[str], list[list[int]], list[list[int]]]:
-    """The distinct training texts and, per image, the ids of its captions and of its attribute phrases.
-
-    Deterministic in ``(cfg.seed, image index)``.
-    """
-    vocab: dict[str, int] = {}
-
-    def tid(text: str) -> int:
-        return vocab.setdefault(text, len(vocab))
-
-    caption_ids, phrase_ids = [], []
-    for i, (attrs, caps) in enumerate(zip(split.attributes, split.captions)):
-        rng = np.random.default_rng([cfg.seed, 7, split.start + i])
-        chosen = caps[:1] + [caps[j] for j in sorted(rng.permutation(np.arange(1, len(caps)))[
-            :max(0, cfg.captions_per_image - 1)])]
-        caption_ids.append([tid(c) for c in chosen[:cfg.captions_per_image]])
-        phrase_ids.append([tid(p) for p in attribute_phrases(attrs, rng, cfg.phrases_per_image)])
-    return list(vocab), caption_ids, phrase_ids
-
 
 def cached_text_embeddings(texts: list[str], cache_dir: str | Path, encoder_factory: Callable[[], Any],
                            text_model: str, progress: bool = True) -> torch.Tensor:
@@ -563,73 +205,9 @@ class ClipTrainSet(torch.utils.data.Dataset):
         return img, torch.tensor(texts), self.targets[i]
 
 
-_COLORS = ("red", "blue", "green", "yellow", "white", "black", "silver", "orange")
-_TYPES = ("car", "truck", "bus")
-
-
-def attribute_targets(a: dict) -> list[float]:
-    """Multi-label ground truth of a scene for the optional auxiliary loss (61 binary targets): time, weather,
-    light, sign, crosswalk, colour x type / type / colour presence, vehicle count, pedestrian places."""
-    veh, peds = a["vehicles"], a["pedestrians"]
-    t = [a["time"] == x for x in ("day", "dusk", "night")]
-    t += [a["weather"] == x for x in ("clear", "rain", "fog")]
-    t += [a["light"] == x for x in ("red", "yellow", "green", "none")]
-    t += [a["sign"] == x for x in ("stop", "yield", "speed_30", "speed_50", "speed_80", "none")]
-    t += [bool(a["crosswalk"])]
-    t += [any(v["color"] == c and v["type"] == vt for v in veh) for c in _COLORS for vt in _TYPES]
-    t += [any(v["type"] == vt for v in veh) for vt in _TYPES]
-    t += [any(v["color"] == c for v in veh) for c in _COLORS]
-    t += [len(veh) == n for n in range(6)]
-    t += [any(p["on_crosswalk"] for p in peds), any(not p["on_crosswalk"] for p in peds), not peds]
-    return [float(x) for x in t]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def embed_uint8(model, images: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-    """Image embeddings of a ``(N, 3, S, S)`` uint8 tensor (at the model's input size)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for s in range(0, len(images), batch_size):
-        pixels = model.normalize_uint8(images[s:s + batch_size].to(model.device))
-        out.append(model.encode_image(pixels).float().cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy()
-
-
-@torch.inference_mode()
-def evaluate_split(model, split: SplitCache, query_sets: dict[str, tuple[Sequence[Query], torch.Tensor]],
-                   k: int = 10) -> dict[str, Any]:
-    """P@k of each query set (queries + their cached frozen-encoder embeddings) over a rendered split."""
-    img = embed_uint8(model, split.images)
-    res = {}
-    for name, (queries, sent_emb) in query_sets.items():
-        q = model.encode_text_features(sent_emb.to(model.device)).float().cpu().numpy()
-        res[name] = evaluate_queries(img, q, queries, split.attributes, k)
-    return res
-
-
 # --------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------
-
-def _checkpoints(out: Path) -> list[Path]:
-    ckpts = [p for p in (out / "checkpoints").glob("step_*") if (p / "progress.json").exists()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
 
 def command_line(cfg: ClipConfig) -> str:
     """The ``shusheng train clip`` command that reproduces ``cfg`` (flags that differ from the defaults)."""
@@ -649,90 +227,6 @@ def command_line(cfg: ClipConfig) -> str:
     return " ".join(parts)
 
 
-def _plot(history: list[dict], evals: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["loss"] for h in history], lw=0.6, alpha=0.5, label="loss (per step)")
-    w = max(1, len(history) // 50)
-    if len(history) >= w:
-        smooth = np.convolve([h["loss"] for h in history], np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, lw=1.5, label=f"loss ({w}-step mean)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("ClipLoss")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([e["step"] for e in evals], [e["val"]["plain"]["p_at_k"] for e in evals], "o-", c="C2",
-                 label="val P@10 plain")
-        ax2.plot([e["step"] for e in evals], [e["val"]["paraphrase"]["p_at_k"] for e in evals], "s-", c="C3",
-                 label="val P@10 paraphrase")
-        ax2.set_ylim(0, 1)
-        ax2.set_ylabel("precision@10")
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
-    ax.set_title("shusheng-mini-clip training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def dense_targets(labels: torch.Tensor, num_labels: int, cell: int = 8) -> torch.Tensor:
-    """``(B, S, S)`` uint8 label maps (:func:`shusheng.data.synthdrive.dense_labels`) → ``(B, num_labels, S/cell,
-    S/cell)`` float: 1 where the cell shows at least one pixel of that label."""
-    onehot = F.one_hot(labels.long(), num_labels + 1)[..., 1:].permute(0, 3, 1, 2).float()
-    return F.max_pool2d(onehot, cell)
-
-
-_TIMES, _WEATHERS = ("day", "dusk", "night"), ("clear", "rain", "fog")
-#: label groups of the dense head reported by :func:`evaluate_dense` (index ranges of ``DENSE_LABELS``)
-_DENSE_GROUPS = {"vehicles": (0, 24), "pedestrians": (24, 26), "traffic light": (26, 29), "sign": (29, 34),
-                 "crosswalk": (34, 35)}
-
-
-@torch.inference_mode()
-def evaluate_dense(model, split: SplitCache, batch_size: int = 250) -> dict[str, float]:
-    """Per-image presence accuracy of ``model``'s dense head on a split: for each label group, the fraction of
-    images whose every label of the group is predicted present/absent correctly (max cell logit > 0)."""
-    from shusheng.data.synthdrive import DENSE_LABELS
-
-    tower = model.visual
-    was_training = tower.training
-    tower.eval()
-    pred = []
-    for s in range(0, len(split.images), batch_size):
-        pixels = model.normalize_uint8(split.images[s:s + batch_size].to(model.device))
-        pred.append(tower.features_and_dense(pixels)[1].amax((2, 3)).cpu() > 0)
-    tower.train(was_training)
-    pred = torch.cat(pred)
-    true = dense_targets(split.labels, len(DENSE_LABELS)).amax((2, 3)) > 0.5
-    ok = pred == true
-    return {name: float(ok[:, a:b].all(1).float().mean()) for name, (a, b) in _DENSE_GROUPS.items()}
-
-
-def load_tower_init(path: str | Path) -> dict[str, torch.Tensor]:
-    """The image-tower state dict (float32) of a mini-clip folder (``save_pretrained``: its ``visual.*``
-    tensors) or of a stage-1 ``tower.safetensors``."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-        if not p.is_file():
-            raise FileNotFoundError(f"tower_init: {p} not found (expected a mini-clip folder or tower.safetensors)")
-        sd = {k[len("visual."):]: v for k, v in load_file(str(p)).items() if k.startswith("visual.")}
-        if not sd:
-            raise ValueError(f"tower_init: {p} holds no image-tower (visual.*) tensors")
-    elif p.is_file():
-        sd = load_file(str(p))
-    else:
-        raise FileNotFoundError(f"tower_init: {p} does not exist")
-    return {k: v.float() for k, v in sd.items()}
-
-
 def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: SplitCache | None, out: Path,
                 acc) -> dict[str, Any]:
     """Stage 1: supervise the image tower densely (which objects each stride-8 cell shows, per-image presence,
@@ -743,7 +237,6 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
 
     from shusheng.data.synthdrive import DENSE_LABELS
 
-    timm_sched = require("timm.scheduler", extra="backbone", package="timm")
     tower = model.visual
     tdir = out / "tower"
     done_file = tdir / "tower.safetensors"
@@ -758,20 +251,23 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
     if cfg.tower_init:
         tower.load_state_dict(load_tower_init(cfg.tower_init))
         logger.info("stage 1 starts from the tower in %s", cfg.tower_init)
-    g_head = nn.Linear(tower.feature_dim, len(_TIMES) + len(_WEATHERS))  # training-only: time, weather
+    g_head = nn.Linear(tower.feature_dim, len(TIMES) + len(WEATHERS))  # training-only: time, weather
     modules = nn.ModuleDict({"tower": tower, "global_head": g_head})
-    opt = torch.optim.AdamW(_param_groups(modules, cfg.weight_decay), lr=cfg.tower_lr, betas=(0.9, 0.98))
-    sched = timm_sched.CosineLRScheduler(opt, t_initial=cfg.tower_steps, lr_min=cfg.min_lr,
-                                         warmup_t=cfg.tower_warmup_steps, warmup_lr_init=cfg.tower_lr * 1e-3,
-                                         warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
-    g_true = torch.tensor([[_TIMES.index(a["time"]), _WEATHERS.index(a["weather"])] for a in train_split.attributes])
+    opt = torch.optim.AdamW(_loop.param_groups(modules, cfg.weight_decay), lr=cfg.tower_lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        return cfg.tower_lr * _loop.warmup_cosine(step, cfg.tower_warmup_steps, decay_start=cfg.tower_warmup_steps,
+                                                  decay_steps=cfg.tower_steps, floor=cfg.min_lr / cfg.tower_lr,
+                                                  start=1e-3)
+
+    g_true = torch.tensor([[TIMES.index(a["time"]), WEATHERS.index(a["weather"])] for a in train_split.attributes])
     pos_weight = torch.tensor(cfg.dense_pos_weight)
     n, bs = len(train_split.images), cfg.tower_batch_size
     world, rank = acc.num_processes, acc.process_index  # each process takes its own slice of every global batch
     per_epoch = max(1, n // (bs * world))
     step, history, evals, elapsed = 0, [], [], 0.0
     ckpt_dir = tdir / "checkpoints"
-    ckpts = sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1])) if ckpt_dir.is_dir() else []
+    ckpts = _loop.sorted_by_step(ckpt_dir.glob("step_*.pt"))
     if cfg.resume and ckpts:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
         modules.load_state_dict(state["modules"])
@@ -779,7 +275,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
         step, history, evals, elapsed = state["step"], state["history"], state["evals"], state["seconds"]
         logger.info("stage 1 resumed from %s at step %d", ckpts[-1], step)
     modules.to(acc.device)
-    sched.step_update(step)
+    _loop.set_lr(opt, lr_at(step))
     tdir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -788,8 +284,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
         torch.save({"modules": modules.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
                     "evals": evals, "seconds": elapsed + time.time() - t0}, tmp)
         tmp.replace(ckpt_dir / f"step_{step}.pt")
-        for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg.keep_checkpoints]:
-            old.unlink()
+        _loop.prune(_loop.sorted_by_step(ckpt_dir.glob("step_*.pt")), cfg.keep_checkpoints)
 
     t0 = time.time()
     modules.train()
@@ -806,7 +301,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
         l_presence = F.binary_cross_entropy_with_logits(dense.amax((2, 3)), cells.amax((2, 3)))
         g = g_head(feats)
         gt = g_true[idx].to(acc.device)
-        l_global = F.cross_entropy(g[:, :len(_TIMES)], gt[:, 0]) + F.cross_entropy(g[:, len(_TIMES):], gt[:, 1])
+        l_global = F.cross_entropy(g[:, :len(TIMES)], gt[:, 0]) + F.cross_entropy(g[:, len(TIMES):], gt[:, 1])
         loss = l_dense + l_presence + 0.2 * l_global
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -818,7 +313,7 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
             torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.clip_grad)
         opt.step()
         step += 1
-        sched.step_update(step)
+        _loop.set_lr(opt, lr_at(step))
         history.append({"step": step, "loss": loss.item(), "dense": l_dense.item(), "presence": l_presence.item(),
                         "global": l_global.item()})
         bar.update(1)
@@ -870,7 +365,6 @@ def train(cfg: ClipConfig) -> dict:
     """Run (or resume) a training run; returns the final metrics (also written to ``metrics.json``)."""
     accelerate = require("accelerate", extra="train")
     open_clip_loss = require("open_clip.loss", extra="retrieval", package="open_clip_torch")
-    timm_sched = require("timm.scheduler", extra="backbone", package="timm")
     from tqdm.auto import tqdm
 
     from shusheng.data import synthdrive as sd
@@ -898,7 +392,9 @@ def train(cfg: ClipConfig) -> dict:
                                        progress=acc.is_main_process)
         val_split = load_split_cache(cfg.cache_dir, sd.VAL_SEED, cfg.val_size, cfg.image_size,
                                      progress=acc.is_main_process) if cfg.val_size else None
-        texts, caption_ids, phrase_ids = build_texts(train_split, cfg)
+        texts, caption_ids, phrase_ids = training_texts(
+            train_split.attributes, train_split.captions, seed=cfg.seed, start=train_split.start,
+            captions_per_image=cfg.captions_per_image, phrases_per_image=cfg.phrases_per_image)
         queries = {"plain": PLAIN_QUERIES, "paraphrase": PARAPHRASE_QUERIES}
         encoder: list = []
 
@@ -953,30 +449,28 @@ def train(cfg: ClipConfig) -> dict:
                                          drop_last=len(train_set) >= cfg.batch_size,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     trainable = nn.ModuleDict({"model": model, **({"aux_head": aux_head} if aux_head is not None else {})})
-    opt = torch.optim.AdamW(_param_groups(trainable, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(_loop.param_groups(trainable, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     if aux_head is not None:
         model, aux_head, opt, loader = acc.prepare(model, aux_head, opt, loader)
     else:
         model, opt, loader = acc.prepare(model, opt, loader)
     steps_per_epoch = max(1, len(loader))
     total_steps = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
-    sched = timm_sched.CosineLRScheduler(opt, t_initial=cfg.steps, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
-                                         warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=True, cycle_limit=1,
-                                         t_in_epochs=False)
+
+    def lr_at(step: int) -> float:
+        return cfg.lr * _loop.warmup_cosine(step, cfg.warmup_steps, decay_start=cfg.warmup_steps,
+                                            decay_steps=cfg.steps, floor=cfg.min_lr / cfg.lr, start=1e-3)
+
     loss_fn = open_clip_loss.ClipLoss(rank=acc.process_index, world_size=acc.num_processes)
     text_table = text_emb.to(acc.device)
 
     step, epoch, skip_batches, history, evals, elapsed_before, cpu_before = 0, 0, 0, [], [], 0.0, 0.0
-    ckpts = _checkpoints(out)
-    resume_dir = (ckpts[-1] if ckpts else None) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if resume_dir is not None:
-        acc.load_state(str(resume_dir))
-        prog = json.loads((resume_dir / "progress.json").read_text())
+    prog = _loop.load_checkpoint(acc, out, cfg.resume)
+    if prog is not None:
         step, epoch, skip_batches = prog["step"], prog["epoch"], prog["batch_in_epoch"]
         history, evals = prog["history"], prog["evals"]
         elapsed_before, cpu_before = prog["train_seconds"], prog["train_cpu_seconds"]
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, step, epoch, skip_batches)
-    sched.step_update(step)
+    _loop.set_lr(opt, lr_at(step))
 
     t0, cpu0 = time.time(), time.process_time()
 
@@ -987,16 +481,9 @@ def train(cfg: ClipConfig) -> dict:
         return cpu_before + time.process_time() - cpu0
 
     def save(batch_in_epoch: int, ep: int) -> None:
-        d = out / "checkpoints" / f"step_{step}"
-        if (d / "progress.json").exists():
-            return
-        acc.save_state(str(d))
-        if acc.is_main_process:
-            (d / "progress.json").write_text(json.dumps(
-                {"step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "history": history, "evals": evals,
-                 "train_seconds": train_seconds(), "train_cpu_seconds": train_cpu_seconds()}))
-            for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old)
+        _loop.save_checkpoint(acc, out, {
+            "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "history": history, "evals": evals,
+            "train_seconds": train_seconds(), "train_cpu_seconds": train_cpu_seconds()}, cfg.keep_checkpoints)
 
     def evaluate_val() -> None:
         if val_split is None or not acc.is_main_process:
@@ -1038,7 +525,7 @@ def train(cfg: ClipConfig) -> dict:
                 acc.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
             step += 1
             batch_in_epoch += 1
-            sched.step_update(step)
+            _loop.set_lr(opt, lr_at(step))
             history.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
                             "logit_scale": scale.item()})
             if aux_head is not None:
@@ -1097,7 +584,11 @@ def train(cfg: ClipConfig) -> dict:
             final.save_pretrained(cfg.export_dir, dtype=torch.float16, metadata=meta)
             write_model_card(Path(cfg.export_dir) / "MODEL_CARD.md", cfg, metrics, "float16")
         (out / "metrics.json").write_text(json.dumps({**metrics, "history": history, "evals": evals}, indent=2))
-        _plot(history, evals, out / "loss_curve.png")
+        _loop.plot_history(history, out / "loss_curve.png", ylabel="ClipLoss", eval_ylabel="precision@10",
+                           title="shusheng-mini-clip training",
+                           evals=[(f"val P@10 {name}", [e["step"] for e in evals],
+                                   [e["val"][name]["p_at_k"] for e in evals]) for name in ("plain", "paraphrase")]
+                           if evals else ())
     return metrics
 
 
@@ -1154,7 +645,7 @@ def write_model_card(path: Path, cfg: ClipConfig, metrics: dict, dtype: str, not
             "## Retrieval quality (fixed SynthDrive test set: seed 2023, 1,000 images, 128 px)",
             "",
             "Exact search over the 1,000 image embeddings; a hit is relevant when the scene's attributes satisfy "
-            "the query (`shusheng.train.clip.PLAIN_QUERIES` / `PARAPHRASE_QUERIES`; `bench/retrieval_quality.py`).",
+            "the query (`shusheng.data.PLAIN_QUERIES` / `PARAPHRASE_QUERIES`; `bench/retrieval_quality.py`).",
             "",
             "| query set | queries | mean P@10 | target |",
             "|---|---|---|---|",

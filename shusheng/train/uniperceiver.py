@@ -10,8 +10,10 @@ Every step draws one batch of images and applies every task to it, so the image 
 VQA (``--vqa-per-image`` questions per image; matching at the question's ``<SPE>`` against the answer set plus
 open generation of the answer), image-text contrastive retrieval with in-batch negatives, and classification of
 the time / weather / light / sign attributes by matching class-name texts. The batch of step ``t`` (images,
-flips, chosen captions and questions, masked question words) depends only on ``(seed, t)``, so a run resumed
-from a checkpoint follows the uninterrupted run exactly. Checkpoints (accelerate state + progress) are written
+flips, chosen captions and questions, masked question words) depends only on ``(seed, t)`` and the learning
+rate (linear warm-up, then cosine decay to ``min_lr_ratio``) only on ``t``, so a run resumed from a checkpoint
+follows the uninterrupted run exactly. The attribute classes, answers and tags come from
+:mod:`shusheng.data.synthdrive_queries`. Checkpoints (accelerate state + progress) are written
 every ``--save-every`` steps; ``--resume auto`` continues from the newest; ``loss_curve.png`` is redrawn next to
 them. The fixed SynthDrive test split is refused as training data.
 """
@@ -19,11 +21,8 @@ them. The fixed SynthDrive test split is refused as training data.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
-import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,21 +32,20 @@ import numpy as np
 import torch
 
 from shusheng._deps import require
+from shusheng.data.synthdrive_queries import (
+    ATTRIBUTE_CLASSES,
+    TAG_GROUPS,
+    attribute_labels,
+    attribute_tags,
+    synthdrive_answers,
+)
+from shusheng.train import _loop
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ATTRIBUTE_CLASSES", "UniPerceiverTrainConfig", "attribute_labels", "load_synthdrive", "main",
-           "synthdrive_answers", "train"]
-
-#: attribute group -> attribute value -> class name (the text the image is matched against)
-ATTRIBUTE_CLASSES: dict[str, dict[str, str]] = {
-    "time": {"day": "daytime", "dusk": "dusk", "night": "night"},
-    "weather": {"clear": "clear weather", "rain": "rain", "fog": "fog"},
-    "light": {"red": "red traffic light", "yellow": "yellow traffic light", "green": "green traffic light",
-              "none": "no traffic light"},
-    "sign": {"stop": "stop sign", "yield": "yield sign", "speed_30": "speed limit 30 sign",
-             "speed_50": "speed limit 50 sign", "speed_80": "speed limit 80 sign", "none": "no sign"},
-}
+# ATTRIBUTE_CLASSES, attribute_labels and synthdrive_answers live in shusheng.data; they stay importable from here
+# for existing callers
+__all__ = ["UniPerceiverTrainConfig", "load_synthdrive", "main", "train"]
 
 
 @dataclass
@@ -114,24 +112,6 @@ class UniPerceiverTrainConfig:
 # --------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------
-
-def synthdrive_answers() -> list[str]:
-    """Every canonical SynthDrive answer (the closed answer vocabulary of VQA by matching)."""
-    from shusheng.data.synthdrive_render import COLORS
-
-    colors = sorted(COLORS)
-    out = ["red", "yellow", "green", "none", "stop", "yield", "speed limit 30", "speed limit 50", "speed limit 80"]
-    out += [str(i) for i in range(6)] + ["yes", "no", "crosswalk", "sidewalk", "both", "clear", "rain", "fog",
-                                         "day", "dusk", "night"]
-    for k in range(1, 6):
-        out += [", ".join(c) for c in itertools.combinations(colors, k)]
-    return list(dict.fromkeys(out))
-
-
-def attribute_labels(attributes: dict[str, Any]) -> dict[str, int]:
-    """Class index per attribute group of ``ATTRIBUTE_CLASSES``."""
-    return {g: list(names).index(attributes[g]) for g, names in ATTRIBUTE_CLASSES.items()}
-
 
 def load_synthdrive(data_dir: str | None, n: int | None, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Training images ``(N, S, S, 3)`` uint8 and their annotation records, from a folder or rendered."""
@@ -252,98 +232,34 @@ def build_model(cfg: UniPerceiverTrainConfig, records: list[dict[str, Any]]):
 
 
 def param_groups(model, cfg: UniPerceiverTrainConfig) -> list[dict]:
-    """AdamW groups: MiniLM-initialised parameters at ``text_lr``, the rest at ``lr``; no decay on 1-D params."""
+    """AdamW groups: MiniLM-initialised parameters at ``text_lr`` (``lr_scale = text_lr / lr``), the rest at
+    ``lr``; no decay on 1-D parameters, biases and the logit scale."""
     pretrained = ("text.position", "text.token_type", "text.norm", "encoder.layers") if cfg.text_init else ()
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = cfg.text_lr if name.startswith(pretrained) and pretrained else cfg.lr
-        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") or name.startswith("logit_scale") else cfg.weight_decay
-        groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd, "base_lr": lr})["params"].append(p)
-    return list(groups.values())
+    return _loop.param_groups(
+        model, cfg.weight_decay,
+        lr_scale=lambda name: cfg.text_lr / cfg.lr if pretrained and name.startswith(pretrained) else 1.0,
+        no_decay=lambda name, p: _loop.no_weight_decay(name, p) or name.startswith("logit_scale"))
 
 
-def _lr_lambda(cfg: UniPerceiverTrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    ckpts = [p for p in (out / "checkpoints").glob("step_*") if (p / "progress.json").exists()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
+def lr_factor(step: int, cfg: UniPerceiverTrainConfig) -> float:
+    """Factor on each group's lr for the update after ``step`` updates: ``(step + 1) / warmup_steps`` during the
+    warm-up, then cosine from 1 at ``warmup_steps`` to ``min_lr_ratio`` at ``cfg.steps`` (read at each step: a
+    time budget may fix ``steps`` during the run)."""
+    w = cfg.warmup_steps
+    return _loop.warmup_cosine(step, max(0, w - 1), decay_start=w, decay_steps=cfg.steps - w,
+                               floor=cfg.min_lr_ratio, start=1 / w if w else 1.0)
 
 
 def plot_history(history: list[dict[str, float]], path: Path) -> None:
-    """Loss curves (total and per task, smoothed) to a PNG."""
-    matplotlib = require("matplotlib", extra="train")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return
-    keys = [k for k in ("loss", "caption", "vqa", "vqa_gen", "retrieval", "cls", "tags") if k in history[0]]
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    w = max(1, len(history) // 50)
-    for k in keys:
-        v = np.convolve([h[k] for h in history], np.ones(w) / w, mode="valid")
-        axes[0].plot(steps[w - 1:], v, label=k)
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("loss")
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    axes[0].set_title("training losses")
-    for k in ("caption_acc", "vqa_acc", "tag_acc", "acc_light", "acc_sign", "acc_n_car", "acc_n_red"):
-        if k in history[0]:
-            v = np.convolve([h[k] for h in history], np.ones(w) / w, mode="valid")
-            axes[1].plot(steps[w - 1:], v, label=k)
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("train accuracy")
-    axes[1].legend()
-    axes[1].set_title("accuracy on the training batches")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    """Loss curves (total and per task, smoothed; log scale) and training accuracies to a PNG."""
+    _loop.plot_history(history, path, losses=("loss", "caption", "vqa", "vqa_gen", "retrieval", "cls", "tags"),
+                       accuracies=("caption_acc", "vqa_acc", "tag_acc", "acc_light", "acc_sign", "acc_n_car",
+                                   "acc_n_red"), title="training losses", log_scale=True)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Stage "tower": the image tower alone, on attribute tags
 # --------------------------------------------------------------------------------------------------------
-
-def _tag_groups() -> list[tuple[str, int]]:
-    from shusheng.data.synthdrive_render import COLORS, VEHICLE_TYPES
-
-    groups = [("time", 3), ("weather", 3), ("light", 4), ("sign", 6), ("crosswalk", 2)]
-    groups += [(f"n_{t}", 6) for t in VEHICLE_TYPES]
-    groups += [(f"n_{c}", 4) for c in sorted(COLORS)]
-    groups += [(f"{c}_{t}", 2) for c in sorted(COLORS) for t in VEHICLE_TYPES]
-    groups += [("peds_crosswalk", 4), ("peds_sidewalk", 4)]
-    return groups
-
-
-def attribute_tags(attributes: dict[str, Any]) -> dict[str, int]:
-    """Class index of every tag group of the tower pre-training (what VQA and captions talk about)."""
-    from shusheng.data.synthdrive_render import COLORS, VEHICLE_TYPES
-
-    a = attributes
-    tags = {g: list(ATTRIBUTE_CLASSES[g]).index(a[g]) for g in ("time", "weather", "light", "sign")}
-    tags["crosswalk"] = int(bool(a["crosswalk"]))
-    vs = a["vehicles"]
-    for t in VEHICLE_TYPES:
-        tags[f"n_{t}"] = min(5, sum(v["type"] == t for v in vs))
-    for c in sorted(COLORS):
-        tags[f"n_{c}"] = min(3, sum(v["color"] == c for v in vs))
-        for t in VEHICLE_TYPES:
-            tags[f"{c}_{t}"] = int(any(v["color"] == c and v["type"] == t for v in vs))
-    tags["peds_crosswalk"] = min(3, sum(p["on_crosswalk"] for p in a["pedestrians"]))
-    tags["peds_sidewalk"] = min(3, sum(not p["on_crosswalk"] for p in a["pedestrians"]))
-    return tags
-
 
 class TowerTagger(torch.nn.Module):
     """Image tower + a linear tag head on the flattened ``g x g`` pooled grid (the decoder's image tokens).
@@ -357,7 +273,7 @@ class TowerTagger(torch.nn.Module):
 
         self.backbone = create_backbone(backbone, **backbone_args)
         self.grid = grid
-        self.groups = _tag_groups()
+        self.groups = TAG_GROUPS
         c = self.backbone.num_features
         self.norm = torch.nn.LayerNorm(grid * grid * c)
         self.head = torch.nn.Linear(grid * grid * c, sum(n for _, n in self.groups))
@@ -457,10 +373,7 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
     if cfg.stage == "tower":
         model = TowerTagger(cfg.backbone, cfg.backbone_args, cfg.image_grid)
         sampler = StepSampler(images, records, cfg, [])
-        groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-        for g in groups:
-            g["lr"] = g["base_lr"] = cfg.lr
+        groups = _loop.param_groups(model, cfg.weight_decay, no_decay=lambda name, p: p.ndim <= 1)
     else:
         model = build_model(cfg, records)
         if cfg.init:
@@ -478,24 +391,20 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
                     torch.save(features, feat_file)
             sampler.with_images = False
         groups = param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    model, opt, sched = acc.prepare(model, opt, sched)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    model, opt = acc.prepare(model, opt)
     core = acc.unwrap_model(model)
     n_params = sum(p.numel() for p in core.parameters() if p.requires_grad)
     logger.info("stage %s: %.2fM trainable parameters, %d training images", cfg.stage, n_params / 1e6, len(records))
 
     step, history, elapsed, first_step = 0, [], 0.0, 0
-    ckpts = _checkpoints(out)
-    resume_dir = (ckpts[-1] if ckpts else None) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if resume_dir is not None:
-        acc.load_state(str(resume_dir))
-        prog = json.loads((resume_dir / "progress.json").read_text())
+    prog = _loop.load_checkpoint(acc, out, cfg.resume)
+    if prog is not None:
         step, history, elapsed = prog["step"], prog["history"], prog.get("elapsed", 0.0)
         if prog.get("steps"):
             cfg.steps = prog["steps"]
         first_step = step
-        logger.info("resumed from %s at step %d", resume_dir, step)
+    _loop.set_lr(opt, cfg.lr * lr_factor(step, cfg))
 
     weights = {"caption": cfg.w_caption, "vqa": cfg.w_vqa, "vqa_gen": cfg.w_vqa_gen, "retrieval": cfg.w_retrieval,
                "cls": cfg.w_cls}
@@ -504,12 +413,9 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
         d = out / "checkpoints" / f"step_{step}"
         if (d / "progress.json").exists():
             return
-        acc.save_state(str(d))
+        _loop.save_checkpoint(acc, out, {"step": step, "history": history, "elapsed": elapsed, "steps": cfg.steps},
+                              cfg.keep_checkpoints)
         if acc.is_main_process:
-            (d / "progress.json").write_text(json.dumps({"step": step, "history": history, "elapsed": elapsed,
-                                                         "steps": cfg.steps}))
-            for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old)
             plot_history(history, out / "loss_curve.png")
 
     model.train()
@@ -534,9 +440,9 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
         if cfg.clip_grad:
             acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        _loop.set_lr(opt, cfg.lr * lr_factor(step, cfg))
         elapsed = time.time() - t_start
         rec = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "time": elapsed}
         rec.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()})

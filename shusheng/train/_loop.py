@@ -1,0 +1,232 @@
+"""Scaffolding shared by the training loops of :mod:`shusheng.train`: checkpoints and exact resume, AdamW parameter
+groups, the warm-up + cosine learning-rate schedule, warm-up and EMA decay scaled to the length of a run, and the
+loss plot.
+
+Checkpoints are folders ``<output>/checkpoints/step_<N>`` holding the accelerate state (model, optimiser, RNGs and
+whatever was registered for checkpointing) and ``progress.json`` (the loop's own counters and history; written
+last, so a folder without it is incomplete and ignored). The learning rate is a pure function of the step
+(:func:`warmup_cosine`, applied with :func:`set_lr`), so a resumed run needs no scheduler state to follow the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shusheng._deps import require
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["checkpoint_dirs", "load_checkpoint", "no_weight_decay", "param_groups", "plot_history", "prune",
+           "resume_dir", "save_checkpoint", "scaled_ema_decay", "scaled_warmup", "set_lr", "sorted_by_step",
+           "warmup_cosine"]
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------------------
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[1].split(".")[0])
+
+
+def sorted_by_step(paths: Iterable[Path]) -> list[Path]:
+    """``step_<N>`` files or folders (any suffix) in increasing ``N``."""
+    return sorted(paths, key=_step_of)
+
+
+def prune(paths: Sequence[Path], keep: int) -> None:
+    """Delete all but the last ``keep`` of ``paths`` (files or folders; ``keep <= 0`` keeps everything)."""
+    if keep <= 0:
+        return
+    for old in paths[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def checkpoint_dirs(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (``<out>/checkpoints/step_<N>`` with ``progress.json``), oldest first."""
+    return sorted_by_step(p for p in (Path(out) / "checkpoints").glob("step_*") if (p / "progress.json").exists())
+
+
+def resume_dir(out: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint a run resumes from: ``"auto"`` = the newest of ``out`` (None if there is none), a path =
+    that folder, None = start afresh."""
+    if resume == "auto":
+        ckpts = checkpoint_dirs(out)
+        return ckpts[-1] if ckpts else None
+    return Path(resume) if resume else None
+
+
+def load_checkpoint(acc, out: str | Path, resume: str | None) -> dict[str, Any] | None:
+    """Restore the accelerate state of the checkpoint :func:`resume_dir` picks; returns its ``progress.json``
+    (None when the run starts afresh)."""
+    d = resume_dir(out, resume)
+    if d is None:
+        return None
+    acc.load_state(str(d))
+    progress = json.loads((d / "progress.json").read_text())
+    logger.info("resumed from %s at step %d", d, progress["step"])
+    return progress
+
+
+def save_checkpoint(acc, out: str | Path, progress: dict[str, Any], keep: int) -> Path:
+    """Write ``<out>/checkpoints/step_<progress["step"]>`` (accelerate state + ``progress.json``) and keep only
+    the newest ``keep`` checkpoints. A step already saved is left alone (e.g. a periodic save that falls on the
+    last step)."""
+    d = Path(out) / "checkpoints" / f"step_{progress['step']}"
+    if (d / "progress.json").exists():
+        return d
+    acc.save_state(str(d))
+    if acc.is_main_process:
+        (d / "progress.json").write_text(json.dumps(progress))
+        prune(checkpoint_dirs(out), keep)
+    return d
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parameter groups and learning rate
+# --------------------------------------------------------------------------------------------------------
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """The usual AdamW exemption: 1-D parameters (norms, scales) and biases."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None,
+                 no_decay: Callable[[str, nn.Parameter], bool] = no_weight_decay) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters, one per (weight decay, lr scale), in order of first
+    appearance.
+
+    Args:
+        model: the module whose ``named_parameters`` are grouped.
+        weight_decay: decay of every parameter that ``no_decay`` does not exempt (those get 0).
+        lr_scale: per parameter name, a factor on the scheduled lr (stored as ``lr_scale``; :func:`set_lr` applies
+            it). None = 1 for all.
+        no_decay: ``(name, param) -> bool``; default :func:`no_weight_decay`.
+    """
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        wd = 0.0 if no_decay(name, p) else weight_decay
+        scale = 1.0 if lr_scale is None else float(lr_scale(name))
+        groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
+    return list(groups.values())
+
+
+def warmup_cosine(step: int, warmup: int, decay_start: int, decay_steps: int, floor: float = 0.0,
+                  start: float = 0.0) -> float:
+    """Learning-rate factor of the update after ``step`` finished updates: a linear warm-up, then cosine decay.
+
+    ``step < warmup``: from ``start`` rising linearly by ``(1 - start) / warmup`` per step; afterwards
+    ``floor + (1 - floor) * (1 + cos(pi * t)) / 2`` with ``t = (step - decay_start) / decay_steps`` clipped to
+    ``[0, 1]`` (so the factor is 1 between the two phases and ``floor`` once the decay is over).
+
+    timm's ``CosineLRScheduler`` (``t_initial=T``, ``cycle_limit=1``, ``lr_min = floor * lr``,
+    ``warmup_lr_init = start * lr``, ``warmup_t=W``) is ``decay_start=0, decay_steps=T`` (the warm-up overlaid on
+    the cosine, the official InternImage recipe) or, with ``warmup_prefix=True``, ``decay_start=W, decay_steps=T``.
+    """
+    if step < warmup:
+        return start + step * (1.0 - start) / warmup
+    t = min(1.0, max(0.0, (step - decay_start) / max(1, decay_steps)))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (1 when absent)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run-length scaling of warm-up and EMA
+# --------------------------------------------------------------------------------------------------------
+
+
+def scaled_warmup(official_steps: int, total_steps: int, share: float = 1 / 15) -> int:
+    """Warm-up steps of a run of ``total_steps``: the recipe's ``official_steps``, but at most ``share`` of the
+    run (with the default 1/15, a 300-epoch run keeps a 20-epoch warm-up; a 3-epoch run warms up for 0.2
+    epochs instead of never leaving the warm-up)."""
+    return max(0, min(int(official_steps), round(share * total_steps)))
+
+
+def scaled_ema_decay(total_steps: int, official: float, horizon: float = 0.05, min_steps: float = 2.0) -> float:
+    """EMA decay whose averaging horizon ``1 / (1 - decay)`` is ``horizon`` of the run (at least ``min_steps``
+    steps), capped at ``official``.
+
+    A decay of 0.9999 averages over ~10,000 steps: right for the ~375,000 steps of 300 ImageNet epochs at a global
+    batch of 1024, but in a run of a few hundred steps the average would still be mostly the random initial
+    weights. Runs long enough that ``horizon`` of them exceeds the official horizon keep ``official``.
+    """
+    return min(official, 1.0 - 1.0 / max(min_steps, horizon * total_steps))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loss plot
+# --------------------------------------------------------------------------------------------------------
+
+
+def plot_history(history: Sequence[dict[str, float]], path: str | Path, losses: Sequence[str] = ("loss",),
+                 accuracies: Sequence[str] = (), evals: Sequence[tuple[str, Sequence[int], Sequence[float]]] = (),
+                 ylabel: str = "loss", eval_ylabel: str = "score", title: str = "training",
+                 log_scale: bool = False) -> None:
+    """Training curves to a PNG: the ``losses`` keys of ``history`` smoothed over ``len(history) / 50`` steps (a
+    single loss also per step), ``evals`` (``(label, steps, values in [0, 1])``) on a twin axis, and the
+    ``accuracies`` keys, smoothed, on a second panel. Keys missing from ``history`` are skipped."""
+    matplotlib = require("matplotlib", extra="train")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    losses = [k for k in losses if k in history[0]]
+    accuracies = [k for k in accuracies if k in history[0]]
+    steps = [h["step"] for h in history]
+    w = max(1, len(history) // 50)
+
+    def smooth(key: str) -> np.ndarray:
+        return np.convolve([h[key] for h in history], np.ones(w) / w, mode="valid")
+
+    fig, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(11 if accuracies else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+    for k in losses:
+        if len(losses) == 1:
+            ax.plot(steps, [h[k] for h in history], lw=0.6, alpha=0.5, label=f"{k} (per step)")
+        ax.plot(steps[w - 1:], smooth(k), lw=1.5, label=f"{k} ({w}-step mean)" if len(losses) == 1 else k)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log_scale:
+        ax.set_yscale("log")
+    if evals:
+        ax2 = ax.twinx()
+        for i, (label, e_steps, values) in enumerate(evals):
+            ax2.plot(e_steps, values, "os^v"[i % 4] + "-", c=f"C{i + 2}", label=label)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel(eval_ylabel)
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    if accuracies:
+        for k in accuracies:
+            axes[0, 1].plot(steps[w - 1:], smooth(k), label=k)
+        axes[0, 1].set_xlabel("step")
+        axes[0, 1].set_ylabel("train accuracy")
+        axes[0, 1].legend()
+        axes[0, 1].set_title("accuracy on the training batches")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
