@@ -28,7 +28,8 @@ TINY = dict(channels=8, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8), mlp_ratio=2.0,
 TINY_FLAGS = ["--train-size", "24", "--val-size", "8", "--image-size", "64", "--channels", "8", "--depths",
               "1,1,1,1", "--groups", "1,2,4,8", "--mlp-ratio", "2.0", "--batch-size", "8", "--warmup-steps", "1",
               "--captions-per-image", "2", "--phrases-per-image", "2", "--log-every", "1", "--no-test-eval",
-              "--eval-every", "0", "--tower-steps", "2", "--tower-batch-size", "8", "--tower-warmup-steps", "1"]
+              "--eval-every", "0", "--tower-steps", "2", "--tower-batch-size", "8", "--tower-warmup-steps", "1",
+              "--domain-fit", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,7 @@ def test_training_cli_runs_and_resumes_exactly(tmp_path):
     assert (tmp_path / "full" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 1000
     assert "shusheng train clip" in (tmp_path / "full" / "final" / "MODEL_CARD.md").read_text()
+    assert (tmp_path / "full" / "final" / "domain_check.safetensors").is_file()  # fitted with the weights
 
     # interrupted after 2 of 4 steps, then `--resume auto` (python -m shusheng.train.clip's main)
     run = str(tmp_path / "run")

@@ -21,7 +21,7 @@ def tiny_cfg(out, **kw) -> tu.UniPerceiverTrainConfig:
     args = dict(data_dir=None, n_train=8, image_size=64, output=str(out), backbone="internimage_test",
                 backbone_args={"channels": 8, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8]}, image_grid=2,
                 text_init=None, n_layers=1, d_model=32, n_heads=2, max_text_len=48, steps=4, batch_size=4,
-                vqa_per_image=1, answer_pool=16, warmup_steps=1, save_every=2, log_every=1)
+                vqa_per_image=1, answer_pool=16, warmup_steps=1, save_every=2, log_every=1, domain_fit=32)
     args.update(kw)
     return tu.UniPerceiverTrainConfig(**args)
 
@@ -43,6 +43,11 @@ def test_run_writes_checkpoints_curve_and_a_loadable_model(full_run):
     assert (out / "loss_curve.png").stat().st_size > 1000
     model = UniPerceiver.from_pretrained(out / "final")
     assert model.config.d_model == 32 and len(model.config.answers) >= len(synthdrive_answers())
+    # the in-domain check is fitted with the weights and read back by the pipelines
+    from shusheng.pipelines import DomainCheck
+
+    check = DomainCheck.load(out / "final")
+    assert check is not None and check.info["n_fit"] == 32 and check.info["n_calibration"] == 16
 
 
 def test_resume_follows_the_uninterrupted_run(full_run, tmp_path):

@@ -148,6 +148,7 @@ class ClipConfig:
     log_every: int = 20
     test_eval: bool = True  # evaluate the final model on the fixed SynthDrive test set
     export_dir: str | None = None  # also write an fp16 copy + model card here (bundled weights)
+    domain_fit: int = 4000  # SynthDrive train scenes for the in-domain check written with the weights (0 = none)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -583,6 +584,10 @@ def train(cfg: ClipConfig) -> dict:
         if cfg.export_dir:
             final.save_pretrained(cfg.export_dir, dtype=torch.float16, metadata=meta)
             write_model_card(Path(cfg.export_dir) / "MODEL_CARD.md", cfg, metrics, "float16")
+        if cfg.domain_fit > 0:
+            from shusheng.train.domain import fit_and_save
+
+            fit_and_save(out / "final", cfg.domain_fit, copies=(cfg.export_dir,) if cfg.export_dir else ())
         (out / "metrics.json").write_text(json.dumps({**metrics, "history": history, "evals": evals}, indent=2))
         _loop.plot_history(history, out / "loss_curve.png", ylabel="ClipLoss", eval_ylabel="precision@10",
                            title="shusheng-mini-clip training",

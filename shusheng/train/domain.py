@@ -18,7 +18,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_train_arguments", "fit_domain_check", "pipeline_for", "run_train"]
+__all__ = ["add_train_arguments", "fit_and_save", "fit_domain_check", "pipeline_for", "run_train"]
 
 
 def pipeline_for(model_dir: str | Path):
@@ -67,6 +67,20 @@ def fit_domain_check(pipe, n_fit: int = 4000, n_calibration: int = 1000, alpha: 
                     f"images 0..{n_calibration - 1} (calibration), {size} px",
             "features": type(pipe).__name__ + ".domain_features", "seconds": round(time.time() - t0, 1)}
     return DomainCheck.fit(fit, cal, alpha=alpha, shrinkage=shrinkage, info=info)
+
+
+def fit_and_save(model_dir: str | Path, n_fit: int, copies: tuple[str | Path, ...] = ()) -> Path:
+    """Fit the check of the model in ``model_dir`` (``n_fit`` train scenes, ``max(16, n_fit // 4)`` val
+    scenes) and write it there and into each folder of ``copies`` (e.g. an fp16 export of the same weights).
+    The trainers call this after writing their final folder."""
+    import shutil
+
+    pipe = pipeline_for(model_dir).from_pretrained(model_dir)
+    path = fit_domain_check(pipe, n_fit, max(16, n_fit // 4)).save(model_dir)
+    for folder in copies:
+        shutil.copyfile(path, Path(folder) / path.name)
+    logger.info("in-domain check fitted on %d scenes: %s", n_fit, path)
+    return path
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

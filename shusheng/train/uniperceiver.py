@@ -56,6 +56,7 @@ class UniPerceiverTrainConfig:
     n_train: int | None = None  # images used (default: all in data_dir; 10000 when rendering)
     image_size: int = 128
     output: str = "runs/uniperceiver"
+    domain_fit: int = 4000  # SynthDrive train scenes for the in-domain check written with the weights (0 = none)
     # "joint": everything trained together; "tower": pre-train the image tower alone on attribute tags;
     # "decoder": freeze the tower of a "tower" run (--tower), cache its pooled features, train the rest
     stage: str = "joint"
@@ -481,6 +482,10 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
                       str(out / "final" / "backbone.safetensors"))
         else:
             core.save_pretrained(out / "final")
+            if cfg.domain_fit > 0:
+                from shusheng.train.domain import fit_and_save
+
+                fit_and_save(out / "final", cfg.domain_fit)
         plot_history(history, out / "loss_curve.png")
         (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
     return metrics
