@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from shusheng._deps import require
+from shusheng.modeling import Preprocess
 from shusheng.train import _loop
 
 logger = logging.getLogger(__name__)
@@ -209,9 +210,8 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 def _transforms(cfg: ClassifyConfig, model: nn.Module, training: bool):
     timm_data = require("timm.data", extra="backbone", package="timm")
-    pcfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = pcfg.get("mean", timm_data.IMAGENET_DEFAULT_MEAN)
-    std = pcfg.get("std", timm_data.IMAGENET_DEFAULT_STD)
+    pre = Preprocess.from_timm(getattr(model, "pretrained_cfg", None) or {})  # the weights' own mean/std
+    mean, std = pre.mean, pre.std
     if training:
         return timm_data.create_transform(
             cfg.img_size, is_training=True, color_jitter=cfg.color_jitter,

@@ -39,6 +39,7 @@ from shusheng.data.synthdrive_queries import (
     attribute_tags,
     synthdrive_answers,
 )
+from shusheng.modeling import Preprocess
 from shusheng.train import _loop
 
 logger = logging.getLogger(__name__)
@@ -155,12 +156,13 @@ class StepSampler:
     """The batch of step ``t`` as a pure function of ``(seed, t)`` (exact resume without data-loader state)."""
 
     def __init__(self, images: np.ndarray, records: list[dict[str, Any]], cfg: UniPerceiverTrainConfig,
-                 answers: list[str]):
+                 answers: list[str], preprocess: Preprocess | None = None):
         self.images, self.records, self.cfg, self.answers = images, records, cfg, answers
         self.per_epoch = max(1, len(records) // cfg.batch_size)
         self.with_images = True
-        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        pre = preprocess or Preprocess(size=cfg.image_size, resize="squash")  # the model's normalisation
+        self.mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std).view(1, 3, 1, 1)
 
     def __call__(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -342,8 +344,9 @@ def extract_features(model, images: np.ndarray, both_flips: bool, batch_size: in
     """Pooled tower features of every image (and of its mirror image): (N, 1|2, g*g, C) float16."""
     from tqdm.auto import tqdm
 
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pre = model.preprocess_config()
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
     model.eval()
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="extract", leave=False):
@@ -379,7 +382,7 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
         model = build_model(cfg, records)
         if cfg.init:
             init_from(model, cfg.init)
-        sampler = StepSampler(images, records, cfg, list(model.config.answers))
+        sampler = StepSampler(images, records, cfg, list(model.config.answers), model.preprocess_config())
         if cfg.stage == "decoder":
             load_tower(model, cfg.tower)
             model.image.backbone.requires_grad_(False)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shusheng._config import config_from_any
+from shusheng.modeling import IMAGENET_MEAN, IMAGENET_STD
 from shusheng.text_encoders import MINILM
 
 __all__ = ["MINILM", "TASKS", "UniPerceiverConfig"]
@@ -55,8 +56,8 @@ class UniPerceiverConfig:
     backbone: str = "internimage_test"
     backbone_args: dict[str, Any] = field(default_factory=dict)
     image_size: int = 128
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
     image_grid: int = 4
     d_model: int = 384
     n_heads: int = 12
