@@ -494,3 +494,27 @@ def test_demo_command_without_an_embedder_fails_clearly(tmp_path, monkeypatch, c
     assert main(["demo", "--no-browser", "--embedder", "no-such-embedder"]) == 1
     assert "cannot load the embedder 'no-such-embedder'" in caplog.text
     assert not (tmp_path / "demo").exists()  # failed before generating anything
+
+
+def test_caption_vqa_tab_with_the_bundled_model_warns_on_a_photograph():
+    """The real bundled decoder and its fitted check: a SynthDrive scene gets no notice, a photograph does, and an
+    image the pipeline cannot use gets a message instead of a crash."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from shusheng.data import TEST_SEED, load_image, sample
+    from shusheng.uniperceiver.pipelines import CaptionPipeline, VQAPipeline
+    from shusheng.weights import BundledWeightsNotFound
+
+    try:
+        cap = CaptionPipeline.from_pretrained()
+    except BundledWeightsNotFound:
+        pytest.skip("bundled shusheng-mini-uniperceiver not present")
+    if cap.domain_check is None:
+        pytest.skip("the bundled model has no domain check")
+    vqa = VQAPipeline(cap.model, cap.domain_check)
+    scene = sample(TEST_SEED, 0, 128)[0]
+    photo = load_image(os.path.join(os.path.dirname(skimage_data.__file__), "astronaut.png"))
+    assert caption_tab.caption_with_notice(cap, scene)[1] == ""
+    assert "caption is unreliable" in caption_tab.caption_with_notice(cap, photo)[1]
+    assert "answer is unreliable" in caption_tab.answer_with_notice(vqa, photo, "Is it raining?")[2]
+    text, notice = caption_tab.caption_with_notice(cap, b"not an image")
+    assert text.startswith("This image cannot be used") and notice == ""

@@ -49,11 +49,20 @@ def domain_notice(out: Any, index: int = 0, what: str = "answer") -> str:
             f"the {what} is unreliable.")
 
 
+def _item_error(out: Any) -> str | None:
+    """The message for an image the pipeline could not use (``out.errors[0]``), else None."""
+    errors = getattr(out, "errors", None)
+    return f"This image cannot be used: {errors[0]}" if errors and errors[0] else None
+
+
 def caption_with_notice(pipeline_caption, image, num_beams: int = 1) -> tuple[str, str]:
     """``(caption with its score, domain notice)``, or a message (and no notice) when there is no image."""
     if image is None:
         return "Upload or pick an image first.", ""
     out = pipeline_caption([image], num_beams=int(num_beams))
+    error = _item_error(out)
+    if error:
+        return error, ""
     return f"{out.captions[0]}  (score {out.scores[0]:.2f})", domain_notice(out, 0, "caption")
 
 
@@ -71,6 +80,9 @@ def answer_with_notice(pipeline_vqa, image, question: str,
     if not question or not question.strip():
         return "Type a question about the image.", [], ""
     out = pipeline_vqa([image], question, mode=mode, top_k=5)
+    error = _item_error(out)
+    if error:
+        return error, [], ""
     table = [[a, round(p, 3)] for a, p in out.top_k[0]]
     return f"{out.answers[0]}  (score {out.scores[0]:.2f})", table, domain_notice(out, 0, "answer")
 
