@@ -692,7 +692,7 @@ def config_from_args(args: argparse.Namespace) -> ClipConfig:
     return ClipConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     m = train(config_from_args(args))
     summary = {k: v for k, v in m.items() if k != "test"}
     if "test" in m:
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return _run_train(args)
+    return run_train(args)
 
 
 if __name__ == "__main__":

@@ -521,7 +521,7 @@ def config_from_args(args: argparse.Namespace) -> UniPerceiverTrainConfig:
     return UniPerceiverTrainConfig(**kw)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     m = train(config_from_args(args))
     print(json.dumps(m))
     return 0
@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return _run_train(args)
+    return run_train(args)
 
 
 if __name__ == "__main__":
