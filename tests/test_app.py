@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gr = pytest.importorskip("gradio")
 pytest.importorskip("faiss")
 
-from shusheng.apps.gradio_app import build_demo  # noqa: E402
+from shusheng.apps.gradio_app import build_demo, launch_demo  # noqa: E402
 from shusheng.apps.tabs import Tab, TabUnavailable, UserInputError, load_tabs  # noqa: E402
 from shusheng.apps.tabs import caption_vqa as caption_tab  # noqa: E402
 from shusheng.apps.tabs import search as search_tab  # noqa: E402
@@ -178,7 +178,8 @@ def test_bad_search_input_is_a_clear_message(app, kwargs, message):
 
 
 def test_ui_turns_bad_input_into_gr_error(collection, tmp_path):
-    demo = build_demo(collection, PaletteEmbedder(), extra_tabs=False)
+    demo = build_demo(collection, PaletteEmbedder(), extra_tabs=False, allow_dirs=[tmp_path],
+                      index_root=tmp_path / "indexes")
     search, index = _fn(demo, "search"), _fn(demo, "index_folder")
     with pytest.raises(gr.Error) as err:
         search("", None, 5, 0.0, "")
@@ -235,10 +236,13 @@ def test_index_folder_reports_and_switches_index(tmp_path):
     solid("green").save(root / "g.png")
     solid("orange").save(root / "o.png")
     (root / "empty.jpg").write_bytes(b"")
-    demo = build_demo(None, PaletteEmbedder(), extra_tabs=False)
+    demo = build_demo(None, PaletteEmbedder(), extra_tabs=False, allow_dirs=[root], index_root=tmp_path / "indexes")
     index, search = _fn(demo, "index_folder"), _fn(demo, "search")
     report, info = index(os.fspath(root))
     assert "**2 added**" in report and "1 skipped" in report and "`empty.jpg`:" in report
+    # the folder is the user's: its index goes under the index root, nothing is written into it
+    assert sorted(p.name for p in root.iterdir()) == ["empty.jpg", "g.png", "o.png"]
+    assert f"Index: `{tmp_path / 'indexes'}/pics-" in report
     assert "2 images" in info
     gallery, status = search("orange", None, 1, 0.0, "")
     assert gallery[0][1] == "score 1.00 · o.png"
@@ -416,13 +420,13 @@ def test_caption_vqa_tab_shows_the_out_of_domain_notice_next_to_the_answer():
     # the tab's events fill the notice boxes (Markdown next to the caption and the answer)
     with gr.Blocks() as demo:
         caption_tab.caption_and_vqa_tab(outside, outside, samples=[picture])
-    caption_fn, ask_fn = _fn(demo, "lambda"), _fn(demo, "ask")
+    caption_fn, ask_fn = _fn(demo, "caption"), _fn(demo, "ask")
     assert "caption is unreliable" in caption_fn(picture, 1)[1]
     assert "answer is unreliable" in ask_fn(picture, "is it red?", "match")[2]
     notices = {block.elem_id for block in demo.blocks.values() if isinstance(block, gr.Markdown)}
     assert {"caption-notice", "answer-notice"} <= notices
     for block_fn in demo.fns.values():
-        if block_fn.api_name in ("lambda", "ask", "ask_1"):
+        if block_fn.api_name in ("caption", "ask"):
             assert any(getattr(o, "elem_id", None) in notices for o in block_fn.outputs)
 
 
@@ -436,8 +440,7 @@ def _free_port() -> int:
 def test_gradio_client_against_launched_app(collection):
     gradio_client = pytest.importorskip("gradio_client")
     demo = build_demo(collection, PaletteEmbedder(), extra_tabs=False)
-    demo.queue()
-    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    launch_demo(demo, port=_free_port())
     try:
         assert demo.local_url.startswith("http://127.0.0.1:")
         client = gradio_client.Client(demo.local_url, verbose=False)

@@ -12,7 +12,10 @@ from typing import Any
 
 _EXPORTS = {
     "build_demo": "shusheng.apps.gradio_app",
+    "launch_demo": "shusheng.apps.gradio_app",
     "SearchApp": "shusheng.apps.tabs.search",
+    "AppLimits": "shusheng.apps.safety",
+    "FolderPolicy": "shusheng.apps.safety",
 }
 
 __all__ = sorted(_EXPORTS)

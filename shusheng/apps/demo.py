@@ -16,7 +16,14 @@ car's box). Later runs find the scenes and the index as they were (indexing is
 incremental: nothing is embedded again) and start in seconds. If the embedder's weights changed since the index
 was built (a retrained model), the demo notices and re-indexes its sample collection.
 
-The app is served on 127.0.0.1 only, unless ``--host`` says otherwise; Gradio's analytics are off.
+The app is served on 127.0.0.1 only, unless ``--host`` says otherwise; serving beyond loopback needs a password
+(``--auth USER:PASSWORD``, ``--auth-file FILE`` or ``$SHUSHENG_DEMO_AUTH``) or an explicit ``--insecure-no-auth``.
+The app indexes and searches only the collection and the ``--allow-dir`` folders; indexes of folders it did not
+generate go under ``--index-root`` (the user's cache) unless the folder already holds one or ``--index-in-folder``
+asks for it. Uploads, request times and the queue are bounded (:mod:`shusheng.apps.safety`); Gradio's analytics
+are off.
+
+    shusheng demo --host 0.0.0.0 --auth-file ~/.config/shusheng-auth --allow-dir /data/photos
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import signal
 import threading
 import time
 from pathlib import Path
+
+from shusheng.apps.safety import AUTH_ENV, AppLimits, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +81,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=False,
                         help="also index the larger vehicles of the sample scenes (their ground-truth boxes) as "
                              "regions of their own, so that a hit can be a box inside a picture (default: off)")
-
-
-def cache_root() -> Path:
-    """``$SHUSHENG_CACHE``, else ``$XDG_CACHE_HOME/shusheng``, else ``~/.cache/shusheng``."""
-    if os.environ.get("SHUSHENG_CACHE"):
-        return Path(os.environ["SHUSHENG_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "shusheng"
+    access = parser.add_argument_group("access (serving beyond 127.0.0.1 needs a password)")
+    access.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                        help="an account of the login page (repeatable; visible to other users of this machine in "
+                             f"the process list: prefer --auth-file or ${AUTH_ENV})")
+    access.add_argument("--auth-file", metavar="FILE", help="accounts, one USER:PASSWORD per line (chmod 600)")
+    access.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve beyond loopback without a password (only on a network you trust)")
+    folders = parser.add_argument_group("folders")
+    folders.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                         help="a folder the app may index and search (repeatable; the collection always is; nothing "
+                              "else is, and '..' or symbolic links that lead out are refused)")
+    folders.add_argument("--index-root", metavar="DIR",
+                         help="where indexes of folders the app did not generate go (default "
+                              "$SHUSHENG_CACHE/indexes)")
+    folders.add_argument("--index-in-folder", action="store_true",
+                         help="index your own writable folders into FOLDER/.shusheng-index instead")
+    lim = parser.add_argument_group("limits")
+    defaults = AppLimits()
+    lim.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20,
+                     help=f"largest upload in MB (default {defaults.max_upload_bytes / 2**20:g})")
+    lim.add_argument("--max-upload-megapixels", type=float, default=defaults.max_upload_pixels / 1e6,
+                     help=f"largest uploaded image, checked before decoding (default "
+                          f"{defaults.max_upload_pixels / 1e6:g})")
+    lim.add_argument("--request-timeout", type=float, default=defaults.request_timeout,
+                     help=f"seconds a search, caption or answer may take (default {defaults.request_timeout:g})")
+    lim.add_argument("--index-timeout", type=float, default=defaults.index_timeout,
+                     help=f"seconds one Index folder run may take; the next run continues (default "
+                          f"{defaults.index_timeout:g})")
+    lim.add_argument("--concurrency", type=int, default=defaults.concurrency,
+                     help=f"requests running at once (default {defaults.concurrency})")
+    lim.add_argument("--queue-size", type=int, default=defaults.queue_size,
+                     help=f"requests waiting at most; more are turned away (default {defaults.queue_size})")
 
 
 def _has_images(folder: Path) -> bool:
@@ -153,10 +186,18 @@ def _fingerprint(embedder) -> list[float]:
     return [round(float(v), 6) for v in vec[::8]]
 
 
+def _probe_file(index_path: Path) -> Path:
+    """Where the demo records the embedder fingerprint of an index: beside it (``FOLDER/.shusheng-demo.json`` for
+    an index inside its folder, ``<index>.demo.json`` under the index root), never elsewhere in the folder."""
+    if index_path.name == ".shusheng-index":
+        return index_path.parent / _PROBE_FILE
+    return index_path.with_name(index_path.name + ".demo.json")
+
+
 def _check_fingerprint(folder: Path, index_path: Path, embedder, probe: list[float], generated: bool) -> bool:
     """False when the collection's index was built by this demo with other weights of the same embedder. A
     generated sample collection is then re-indexed (its index is removed); a user's folder is left alone."""
-    probe_file = folder / _PROBE_FILE
+    probe_file = _probe_file(index_path)
     if not probe_file.is_file() or not index_path.is_dir():
         return True
     saved = json.loads(probe_file.read_text())
@@ -190,14 +231,37 @@ def _serve_until_stopped(demo) -> None:
         logger.info("stopping the demo")
 
 
+def _limits(args: argparse.Namespace) -> AppLimits:
+    return AppLimits(max_upload_bytes=int(args.max_upload_mb * 2**20),
+                     max_upload_pixels=int(args.max_upload_megapixels * 1e6), request_timeout=args.request_timeout,
+                     index_timeout=args.index_timeout, concurrency=args.concurrency, queue_size=args.queue_size)
+
+
 def run(args: argparse.Namespace) -> int:
-    from shusheng.apps.gradio_app import build_demo
+    from shusheng.apps.gradio_app import build_demo, launch_demo
+    from shusheng.apps.safety import FolderPolicy, InsecureLaunchError, check_exposure, resolve_auth
     from shusheng.apps.tabs import import_gradio
 
     t_start = time.perf_counter()
     if args.n < 1:
         logger.error("--n must be at least 1")
         return 2
+    # access and limits first: a refusal costs nothing and writes nothing
+    try:
+        auth = resolve_auth(args.auth, args.auth_file)
+        limits = _limits(args)
+        if not args.insecure_no_auth:
+            check_exposure(args.host, auth)
+    except InsecureLaunchError as e:
+        logger.error("%s", e)
+        return 2
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    for d in args.allow_dir:
+        if not Path(d).expanduser().is_dir():
+            logger.error("--allow-dir %s is not a folder", d)
+            return 2
     import_gradio()  # fail early (with the pip hint) when the apps extra is missing
     for noisy in ("httpx", "faiss.loader"):  # one line per HTTP request / per FAISS build tried
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -228,9 +292,12 @@ def run(args: argparse.Namespace) -> int:
             folder = sample_collection(args.n, folder)
     else:
         folder = sample_collection(args.n)
-    folder = folder.absolute()
-
-    index_path = folder / ".shusheng-index"
+    folder = Path(os.path.realpath(folder))
+    policy = FolderPolicy([folder, *args.allow_dir], args.index_root, owned=[folder] if generated else [],
+                          index_in_folder=args.index_in_folder)
+    index_path = policy.index_path_for(folder)
+    logger.info("the app may index and search %s; indexes of other folders go under %s", policy.describe(),
+                policy.index_root)
     probe = _fingerprint(embedder)
     if not _check_fingerprint(folder, index_path, embedder, probe, generated):
         return 1
@@ -238,27 +305,28 @@ def run(args: argparse.Namespace) -> int:
         regions = object_regions(folder) if generated else None
         if regions and not args.regions:  # no boxes (drops region entries an earlier --regions run indexed)
             regions = {path: [] for path in regions}
+        index_path.parent.mkdir(parents=True, exist_ok=True)
         report = index_folder(folder, index_path, embedder=embedder, checkpoint=args.checkpoint, regions=regions,
-                              progress=True)
+                              progress=True, within=policy.allowed)
     except (RetrievalIndexError, OSError) as e:
         logger.error("cannot index %s: %s", folder, e)
         return 1
-    (folder / _PROBE_FILE).write_text(json.dumps({"embedder": embedder.name, "probe": probe}))
+    _probe_file(index_path).write_text(json.dumps({"embedder": embedder.name, "probe": probe}))
     if report.added + report.unchanged + report.updated == 0:
         logger.error("no image could be indexed in %s", folder)
         return 1
 
     demo = build_demo(index_path, embedder, folder=folder, examples=EXAMPLE_QUERIES if generated else (),
-                      title="Shusheng demo", device=args.device)
-    demo.queue(default_concurrency_limit=2)
+                      title="Shusheng demo", device=args.device, policy=policy, limits=limits)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, inbrowser=not args.no_browser,
-                    prevent_thread_lock=True, quiet=True)
+        url = launch_demo(demo, host=args.host, port=args.port, auth=auth, insecure_no_auth=args.insecure_no_auth,
+                          limits=limits, inbrowser=not args.no_browser)
     except OSError as e:
         logger.error("cannot serve on %s:%d (%s); choose another --port", args.host, args.port, e)
         return 1
-    logger.info("Shusheng demo ready in %.1f s at %s (searching %s); press Ctrl+C to stop",
-                time.perf_counter() - t_start, demo.local_url, folder)
+    logger.info("Shusheng demo ready in %.1f s at %s (searching %s%s); press Ctrl+C to stop",
+                time.perf_counter() - t_start, url, folder,
+                f"; sign-in required, {len(auth)} account(s)" if auth else "")
     try:
         _serve_until_stopped(demo)
     finally:

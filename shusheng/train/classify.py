@@ -18,8 +18,9 @@ of an epoch and averages recent weights, instead of spending the whole run in th
 average of the initial weights. ``--recipe official`` uses the official 20 epochs and 0.9999 whatever the run's
 length; ``--warmup-epochs`` and ``--ema-decay`` override either (``--no-ema`` turns EMA off).
 
-Checkpoints (accelerate state + progress) are written every ``--save-every`` steps and at the end of each epoch;
-``--resume auto`` continues from the newest.
+Checkpoints (accelerate state + progress, and the EMA weights as ``ema.safetensors``) are written every
+``--save-every`` steps and at the end of each epoch; ``--resume auto`` continues from the newest. Nothing in a
+checkpoint is unpickled as an arbitrary object when it is loaded.
 """
 
 from __future__ import annotations
@@ -252,6 +253,36 @@ def _save(model: nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
 
 
+EMA_FILE = "ema.safetensors"
+
+
+def save_ema(ema: nn.Module, checkpoint_dir: Path) -> None:
+    """Writes the EMA weights into a checkpoint folder (safetensors: tensors only)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()},
+              str(checkpoint_dir / EMA_FILE))
+
+
+def load_ema(ema: nn.Module, checkpoint_dir: Path) -> None:
+    """Restores the EMA weights of a checkpoint folder: ``ema.safetensors``, or the ``custom_checkpoint_0.pkl``
+    that earlier versions had accelerate write (a state dict, read with ``torch.load(weights_only=True)``).
+
+    Raises:
+        FileNotFoundError: the checkpoint has no EMA weights.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(checkpoint_dir)
+    if (d / EMA_FILE).is_file():
+        ema.load_state_dict(load_file(str(d / EMA_FILE)))
+    elif (d / "custom_checkpoint_0.pkl").is_file():
+        ema.load_state_dict(torch.load(d / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True))
+    else:
+        raise FileNotFoundError(f"checkpoint {d} has no EMA weights ({EMA_FILE}); resume with the EMA off (--no-ema) "
+                                "or from another checkpoint")
+
+
 def train(cfg: ClassifyConfig) -> dict:
     """Run (or resume) a training run; returns the final metrics dict (also written to ``metrics.json``)."""
     accelerate = require("accelerate", extra="train")
@@ -298,9 +329,9 @@ def train(cfg: ClassifyConfig) -> dict:
             step, warmup_steps, decay_start=0, decay_steps=steps_per_epoch * cfg.epochs,
             floor=cfg.min_lr / cfg.lr, start=cfg.warmup_lr / cfg.lr)
 
+    # the EMA is checkpointed as safetensors by `save` below, not registered with accelerate (which unpickles
+    # registered objects with torch.load(weights_only=False) on resume)
     ema = timm_utils.ModelEmaV3(acc.unwrap_model(model), decay=ema_decay) if ema_decay else None
-    if ema is not None:
-        acc.register_for_checkpointing(ema)
 
     mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
     mixup_fn = timm_data.Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
@@ -317,9 +348,16 @@ def train(cfg: ClassifyConfig) -> dict:
     if prog is not None:
         step, start_epoch, history = prog["step"], prog["epoch"], prog["history"]
         skip_batches = prog["batch_in_epoch"]
+        if ema is not None:
+            load_ema(ema, _loop.resume_dir(out, cfg.resume))
     _loop.set_lr(opt, lr_at(step))
 
     def save(epoch: int, batch_in_epoch: int) -> None:
+        if ema is not None and acc.is_main_process:  # before progress.json, which marks the checkpoint complete
+            d = out / "checkpoints" / f"step_{step}"
+            if not (d / "progress.json").exists():
+                d.mkdir(parents=True, exist_ok=True)
+                save_ema(ema, d)
         _loop.save_checkpoint(acc, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                          "history": history}, cfg.keep_checkpoints)
 

@@ -270,7 +270,8 @@ def train_tower(cfg: ClipConfig, model, train_split: SplitCache, val_split: Spli
     ckpt_dir = tdir / "checkpoints"
     ckpts = _loop.sorted_by_step(ckpt_dir.glob("step_*.pt"))
     if cfg.resume and ckpts:
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+        # tensors, numbers, strings, lists and dicts only: nothing in a checkpoint file can run code when loaded
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
         modules.load_state_dict(state["modules"])
         opt.load_state_dict(state["opt"])
         step, history, evals, elapsed = state["step"], state["history"], state["evals"], state["seconds"]

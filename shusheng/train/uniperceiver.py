@@ -388,7 +388,7 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
             model.image.backbone.requires_grad_(False)
             feat_file = out / "tower_features.pt"
             if feat_file.is_file():
-                features = torch.load(feat_file)
+                features = torch.load(feat_file, map_location="cpu", weights_only=True)  # a tensor, never objects
             else:
                 features = extract_features(model, images, cfg.hflip)
                 if acc.is_main_process:

@@ -17,23 +17,29 @@ does, inside ``build``).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import concurrent.futures
 import contextlib
+import contextvars
 import importlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from shusheng._deps import require
+from shusheng.apps.safety import AppLimits, FolderPolicy, UserInputError
 
 if TYPE_CHECKING:
     from shusheng.retrieval_index import Embedder, Index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TAB_MODULES", "AppContext", "Tab", "TabUnavailable", "UserInputError", "import_gradio", "load_tabs",
-           "shown_to_user", "unavailable_tab"]
+__all__ = ["TAB_MODULES", "AppContext", "AppLimits", "FolderPolicy", "Tab", "TabUnavailable", "UserInputError",
+           "image_input", "import_gradio", "load_tabs", "shown_to_user", "unavailable_tab", "upload_error"]
 
 #: The app's tabs, in order; each module has a ``TAB``. The first one (Search) is the app's main tab.
 TAB_MODULES: tuple[str, ...] = ("shusheng.apps.tabs.search", "shusheng.apps.tabs.caption_vqa")
@@ -51,6 +57,12 @@ class AppContext:
         k: initial number of search results.
         threshold: initial cosine-score threshold.
         device: torch device for models the tabs load (``None``: CPU, or each loader's default).
+        policy: the folders the app may index and search, and where indexes go (``None``: the folder of
+            ``index``/``folder`` and ``allow_dirs``, indexes of other folders under ``index_root``).
+        allow_dirs: more folders the app may index and search (when ``policy`` is ``None``).
+        index_root: where indexes of folders the app does not own go (when ``policy`` is ``None``; default
+            ``$SHUSHENG_CACHE/indexes``).
+        limits: upload sizes, time limits and concurrency (:class:`~shusheng.apps.safety.AppLimits`).
         search_app: set by the Search tab: its :class:`~shusheng.apps.tabs.search.SearchApp`.
     """
 
@@ -61,7 +73,29 @@ class AppContext:
     k: int = 12
     threshold: float = 0.0
     device: str | None = None
+    policy: FolderPolicy | None = None
+    allow_dirs: Sequence[str | os.PathLike] = ()
+    index_root: str | os.PathLike | None = None
+    limits: AppLimits = field(default_factory=AppLimits)
     search_app: Any = None
+    _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+
+    def run(self, gr, action: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` for one request: in the app's pool of ``limits.concurrency`` workers, given up after
+        ``limits.request_timeout`` seconds, with errors turned into one ``gr.Error`` line (:func:`shown_to_user`).
+        A request that fails or times out leaves the others alone."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.limits.concurrency,
+                                                               thread_name_prefix="shusheng-request")
+        with shown_to_user(gr, action):
+            future = self._pool.submit(contextvars.copy_context().run, fn, *args)
+            try:
+                return future.result(timeout=self.limits.request_timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()  # not started yet: never runs; running: its result is dropped
+                logger.warning("%s gave up after %g s", action, self.limits.request_timeout)
+                raise UserInputError(f"{action} took longer than {self.limits.request_timeout:g} s and was given up; "
+                                     "the server is busy or the input too large. Try again.") from None
 
 
 @runtime_checkable
@@ -78,10 +112,6 @@ class Tab(Protocol):
 class TabUnavailable(Exception):
     """Raised by ``Tab.build`` (before it makes any component) when the tab cannot be built; the message is the
     reason shown in its place."""
-
-
-class UserInputError(ValueError):
-    """Bad input from the user; its message is shown in the app as it is."""
 
 
 def import_gradio():
@@ -117,3 +147,74 @@ def shown_to_user(gr, action: str) -> Iterator[None]:
     except Exception as e:  # the UI boundary: the server log keeps the traceback, the user gets one line
         logger.exception("%s failed", action)
         raise gr.Error(f"{action} failed: {type(e).__name__}: {e}", title=action, print_exception=False) from e
+
+
+def upload_error(image: Any, limits: AppLimits, what: str = "the image") -> tuple[Any, str | None]:
+    """``(decoded image, None)`` for an uploaded file path (:func:`~shusheng.apps.safety.load_upload`: size and
+    pixel limits before decoding), ``(None, message)`` when it cannot be used; anything that is not a path (a
+    PIL image from a sample, ``None``) passes through as it is."""
+    from shusheng.apps.safety import load_upload
+
+    if not isinstance(image, (str, os.PathLike)):
+        return image, None
+    try:
+        return load_upload(image, limits, what), None
+    except UserInputError as e:
+        return None, str(e)
+
+
+def _path_only_preprocess(gr, component):
+    """``component.preprocess`` for an image input: the uploaded file's path, never decoded here (Gradio's own
+    preprocessing opens every upload with Pillow, which raises on bombs and non-images before the app can answer);
+    a ``data:`` URL is written to a file first, within the upload size limit."""
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        if payload.path is not None:
+            return str(payload.path)
+        url = payload.url or ""
+        if not url.startswith("data:") or "," not in url:
+            raise gr.Error("No image file was received; upload one.", print_exception=False)
+        encoded = url.partition(",")[2]
+        if len(encoded) * 3 // 4 > component.max_upload_bytes:
+            raise gr.Error(f"The image is larger than the upload limit of {component.max_upload_bytes / 2**20:.0f} "
+                           "MB.", print_exception=False)
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise gr.Error("The image data is not valid base64.", print_exception=False) from None
+        fd, path = tempfile.mkstemp(suffix=".upload", dir=component.GRADIO_CACHE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        component.temp_files.add(path)
+        return path
+
+    return preprocess
+
+
+def _no_url_fetch(gr, component):
+    """``component.async_move_resource_to_block_cache`` that refuses ``http(s)://`` inputs instead of downloading
+    them."""
+    move = component.async_move_resource_to_block_cache
+
+    async def async_move_resource_to_block_cache(url_or_file_path):
+        if isinstance(url_or_file_path, str) and url_or_file_path.lower().startswith(("http://", "https://")):
+            raise gr.Error("Upload the image from your computer; this app does not fetch URLs.",
+                           print_exception=False)
+        return await move(url_or_file_path)
+
+    return async_move_resource_to_block_cache
+
+
+def image_input(gr, limits: AppLimits | None = None, **kwargs):
+    """An image input (``gr.Image`` in the page) whose events receive the uploaded file's path, undecoded; decode
+    it with :func:`upload_error` (or :func:`shusheng.apps.safety.load_upload`). Every tab's image inputs are
+    made here."""
+    limits = limits or AppLimits()
+    component = gr.Image(type="filepath", **kwargs)
+    # on the instance, not in a subclass: Gradio writes a .pyi stub next to the source of every component class
+    component.max_upload_bytes = limits.max_upload_bytes
+    component.preprocess = _path_only_preprocess(gr, component)
+    component.async_move_resource_to_block_cache = _no_url_fetch(gr, component)
+    return component

@@ -12,12 +12,18 @@ an image is not in its domain (``in_domain`` False), a notice next to the captio
 unreliable, with the domain score. Only Gradio components and calls into the pipelines live here (no model
 logic); Gradio and torch are imported when the tab is built. Sample images are SynthDrive test scenes rendered
 on demand.
+
+Uploads reach the tab as file paths and are decoded by the app's image loader within the app's limits
+(:func:`shusheng.apps.tabs.upload_error`): a decompression bomb, a truncated file or a file that is not an image
+gets a message in the Caption or Answer box. Event API names: ``/caption``, ``/ask`` (and ``/pick_sample``, the
+sample gallery's click, undocumented).
 """
 
 import math
+import threading
 from typing import Any  # no postponed annotations here: Gradio reads the event-data annotation of `pick`
 
-from shusheng.apps.tabs import AppContext, TabUnavailable, import_gradio
+from shusheng.apps.tabs import AppContext, TabUnavailable, image_input, import_gradio, upload_error
 
 __all__ = ["TAB", "CaptionVQATab", "answer_question", "answer_with_notice", "caption_and_vqa_tab", "caption_image",
            "caption_with_notice", "domain_notice", "sample_images"]
@@ -93,35 +99,38 @@ def answer_question(pipeline_vqa, image, question: str, mode: str = "match") -> 
     return line, table
 
 
-def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | None = None):
+def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | None = None,
+                        ctx: AppContext | None = None):
     """Build the tab's components inside the current ``gr.Blocks`` and wire them to the pipelines.
 
     Args:
         pipeline_caption: a :class:`~shusheng.uniperceiver.pipelines.CaptionPipeline`.
         pipeline_vqa: a :class:`~shusheng.uniperceiver.pipelines.VQAPipeline`.
         samples: images offered as examples (default: 6 SynthDrive test scenes).
+        ctx: the app context (its upload and time limits; default :class:`AppContext`'s).
 
     Returns:
         The ``gr.Tab``.
     """
     gr = import_gradio()
     samples = sample_images() if samples is None else samples
+    ctx = ctx or AppContext()
     with gr.Tab(CaptionVQATab.title) as tab:
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", height=320)
+                image = image_input(gr, ctx.limits, label="Image", height=320, elem_id="cv-image")
                 gallery = gr.Gallery(value=samples, label="Samples (click one)", columns=6, height=120,
-                                     allow_preview=False)
+                                     allow_preview=False, elem_id="cv-samples")
             with gr.Column():
                 beams = gr.Slider(1, 5, value=1, step=1, label="Beam width (1 = greedy)")
-                caption_btn = gr.Button("Caption", variant="primary")
-                caption = gr.Textbox(label="Caption", interactive=False)
+                caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
                 caption_notice = gr.Markdown("", elem_id="caption-notice")
                 question = gr.Textbox(label="Question", placeholder="Is the traffic light red?")
                 mode = gr.Radio(["match", "generate"], value="match", label="Answer by",
                                 info="match: pick from the answer list; generate: free text")
-                ask_btn = gr.Button("Ask")
-                answer = gr.Textbox(label="Answer", interactive=False)
+                ask_btn = gr.Button("Ask", elem_id="ask-button")
+                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
                 answer_notice = gr.Markdown("", elem_id="answer-notice")
                 alternatives = gr.Dataframe(headers=["answer", "probability"], label="Top answers",
                                             interactive=False)
@@ -129,15 +138,33 @@ def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | Non
         def pick(evt: gr.SelectData):
             return samples[evt.index]
 
-        gallery.select(pick, None, image)
-        caption_btn.click(lambda im, b: caption_with_notice(pipeline_caption, im, b), [image, beams],
-                          [caption, caption_notice])
+        model_lock = threading.Lock()  # one model, one tokenizer: one call at a time (uploads decode in parallel)
+
+        def caption_upload(im, b):
+            im, error = upload_error(im, ctx.limits)
+            if error:
+                return error, ""
+            with model_lock:
+                return caption_with_notice(pipeline_caption, im, b)
+
+        def answer_upload(im, q, m):
+            im, error = upload_error(im, ctx.limits)
+            if error:
+                return error, [], ""
+            with model_lock:
+                return answer_with_notice(pipeline_vqa, im, q, m)
+
+        def do_caption(im, b):
+            return ctx.run(gr, "Caption", caption_upload, im, b)
 
         def ask(im, q, m):
-            return answer_with_notice(pipeline_vqa, im, q, m)
+            return ctx.run(gr, "Ask", answer_upload, im, q, m)
 
-        ask_btn.click(ask, [image, question, mode], [answer, alternatives, answer_notice])
-        question.submit(ask, [image, question, mode], [answer, alternatives, answer_notice])
+        gallery.select(pick, None, image, api_name="pick_sample", api_visibility="undocumented")
+        caption_btn.click(do_caption, [image, beams], [caption, caption_notice], api_name="caption",
+                          concurrency_id="requests")
+        gr.on([ask_btn.click, question.submit], ask, [image, question, mode], [answer, alternatives, answer_notice],
+              api_name="ask", concurrency_id="requests")
     return tab
 
 
@@ -183,7 +210,7 @@ class CaptionVQATab:
             raise TabUnavailable(f"The captioning model cannot be loaded: {e}") from e
         except FileNotFoundError as e:  # weights missing or incomplete
             raise TabUnavailable(self._missing(str(e))) from e
-        caption_and_vqa_tab(captioner, VQAPipeline(captioner.model))
+        caption_and_vqa_tab(captioner, VQAPipeline(captioner.model), ctx=ctx)
 
     @staticmethod
     def _missing(detail: str) -> str:

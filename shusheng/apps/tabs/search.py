@@ -1,17 +1,21 @@
 """The **Search** tab: image-text search over your folders, on :mod:`shusheng.retrieval_index`.
 
-* a folder box and an *Index folder* button: indexes the folder incrementally into ``FOLDER/.shusheng-index``
-  (only new or changed files are embedded), with a progress bar and a report of what was added, updated,
-  removed and skipped (with the reason of every skipped file);
-* a text query, an image query (upload or paste), or both (the query is then the normalised sum of the two),
+* a folder box and an *Index folder* button: indexes the folder incrementally (only new or changed files are
+  embedded), with a progress bar and a report of what was added, updated, removed and skipped (with the reason
+  of every skipped file). Only folders below the app's allowed folders are accepted (``..`` and symbolic links
+  that lead out are refused before anything is read or written); the index goes where the app's
+  :class:`~shusheng.apps.safety.FolderPolicy` says (the user's cache for folders the app does not own). A run
+  stops at the time limit, keeps what it indexed, and the next run continues;
+* a text query, an image query (upload or paste; size and pixel limits are checked before it is decoded), or
+  both (the query is then the normalised sum of the two),
   the number of results ``k``, a cosine-score threshold and an optional folder glob (``*/night/*``);
 * a gallery of the hits, best first, captioned ``score 0.83 · path``; a region hit (a box inside an image that
   beat the whole image) is shown with its box drawn on the picture.
 
-Bad input (no query, an unreadable image, a missing folder, an index built with another embedder, a locked
-index) is reported with ``gr.Error`` / ``gr.Warning`` messages, never a traceback; unexpected failures are
-logged with their traceback on the server and shown to the user as one line. Event API names: ``/search``,
-``/index_folder``.
+Bad input (no query, an unreadable image or a decompression bomb, a folder outside the allowed ones, a missing
+folder, an index built with another embedder, a locked index) is reported with ``gr.Error`` / ``gr.Warning``
+messages, never a traceback; unexpected failures are logged with their traceback on the server and shown to the
+user as one line. Event API names: ``/search``, ``/index_folder``.
 
 The :class:`SearchApp` object behind the tab holds the app's embedders and open index readers; the tab puts it
 in the app context (``ctx.search_app``) and ``build_demo`` hands it out as ``demo.search_app``; nothing is
@@ -26,12 +30,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shusheng.apps.tabs import AppContext, UserInputError, import_gradio, shown_to_user
+from shusheng.apps.tabs import (
+    AppContext,
+    FolderPolicy,
+    UserInputError,
+    image_input,
+    import_gradio,
+    shown_to_user,
+    upload_error,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -138,10 +150,16 @@ class SearchApp:
             embedder recorded in each index (``shusheng-mini-clip`` for new ones), loaded on first use.
         folder: the collection folder shown in the folder box (default: the folder holding ``index``).
         device: torch device for embedders built by name.
+        policy: the folders that may be indexed and searched, and where their indexes go (default: ``folder``
+            (else the folders the index was built from) and ``allow_dirs``; indexes of folders the app does not
+            own under ``index_root``).
+        allow_dirs, index_root: for the default ``policy``.
     """
 
     def __init__(self, index: Index | str | os.PathLike | None = None, embedder: Embedder | str | None = None,
-                 folder: str | os.PathLike | None = None, device: str | None = None):
+                 folder: str | os.PathLike | None = None, device: str | None = None,
+                 policy: FolderPolicy | None = None, allow_dirs: Sequence[str | os.PathLike] = (),
+                 index_root: str | os.PathLike | None = None):
         self.device = device
         self._lock = threading.RLock()
         self._query_lock = threading.Lock()  # tokenizers are not re-entrant: one query embedding at a time
@@ -165,6 +183,19 @@ class SearchApp:
             self.folder = os.fspath(Path(self.index_path).parent)
         else:
             self.folder = None
+        if policy is None:
+            policy = FolderPolicy([*([self.folder] if self.folder else self._index_roots()), *allow_dirs],
+                                  index_root)
+        self.policy = policy
+
+    def _index_roots(self) -> list[str]:
+        """The folders the current index was built from (none without an index)."""
+        if self.index_path is None:
+            return []
+        try:
+            return list(self.reader().stats().get("roots", []))
+        except UserInputError:
+            return []
 
     # -- embedders and readers ---------------------------------------------------------------------------------
     def embedder_for(self, name: str | None = None, checkpoint: str | None = None) -> Embedder:
@@ -233,32 +264,34 @@ class SearchApp:
                 f"{stats['index_type']}")
 
     # -- actions ----------------------------------------------------------------------------------------------
-    def index_folder(self, folder: str | None, progress: Callable[..., Any] | None = None) -> tuple[str, str]:
-        """Indexes ``folder`` (incrementally) into ``folder/.shusheng-index`` and makes it the current index.
+    def index_folder(self, folder: str | None, progress: Callable[..., Any] | None = None,
+                     deadline: float | None = None) -> tuple[str, str]:
+        """Indexes ``folder`` (incrementally) and makes it the current index. The folder must lie below the
+        allowed folders of :attr:`policy` (checked before it is looked at); files below it that are symbolic
+        links leading out are skipped. The index goes to ``policy.index_path_for(folder)``.
+
+        Args:
+            folder: the folder, an absolute path on the server.
+            progress: Gradio progress callback.
+            deadline: ``time.monotonic()`` value at which indexing stops (what was indexed is kept; the next run
+                continues).
 
         Returns:
             ``(report_markdown, index_path)``.
 
         Raises:
-            UserInputError: no folder, not a folder, the index is locked, another embedder built the index.
+            UserInputError: no folder, outside the allowed folders, not a folder, the index is locked, another
+                embedder built the index.
         """
         from shusheng.retrieval_index import (
-            DEFAULT_INDEX_DIRNAME,
             EmbedderMismatchError,
             IndexLockedError,
             index_folder,
             read_embedder_info,
         )
 
-        folder = (folder or "").strip()
-        if not folder:
-            raise UserInputError("Enter the folder of images to index.")
-        root = Path(folder).expanduser().absolute()
-        if not root.exists():
-            raise UserInputError(f"Folder {os.fspath(root)} does not exist.")
-        if not root.is_dir():
-            raise UserInputError(f"{os.fspath(root)} is not a folder.")
-        index_path = root / DEFAULT_INDEX_DIRNAME
+        root = self.policy.check_folder(folder)
+        index_path = self.policy.index_path_for(root)
         try:
             recorded = read_embedder_info(index_path, missing_ok=True)
         except ValueError as e:  # a damaged embedder.json
@@ -273,22 +306,27 @@ class SearchApp:
         if progress is not None:
             progress(0.0, desc=f"indexing {root.name or root}")
         try:
-            report = index_folder(root, index_path, embedder=embedder, progress=True)
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            report = index_folder(root, index_path, embedder=embedder, progress=True, within=self.policy.allowed,
+                                  deadline=deadline)
         except (IndexLockedError, EmbedderMismatchError, PermissionError) as e:
             raise UserInputError(str(e)) from e
         with self._lock:
             self.index_path, self.folder = os.fspath(index_path), os.fspath(root)
+        unfinished = [reason for path, reason in report.skipped if path == os.fspath(root)]
+        skipped = [(path, reason) for path, reason in report.skipped if path != os.fspath(root)]
         lines = [f"**Indexed `{os.fspath(root)}`** in {report.seconds:.1f} s: **{report.added} added**, "
                  f"{report.updated} updated, {report.unchanged} unchanged, {report.removed} removed, "
-                 f"{len(report.skipped)} skipped ({report.embedded} images and {report.regions} regions embedded, "
-                 f"{report.reused} reused from identical files)."]
-        if report.skipped:
+                 f"{len(skipped)} skipped ({report.embedded} images and {report.regions} regions embedded, "
+                 f"{report.reused} reused from identical files). Index: `{os.fspath(index_path)}`."]
+        lines += [f"\n**Not finished:** {reason}" for reason in unfinished]
+        if skipped:
             lines.append("")
             lines.append("Skipped:")
-            for path, reason in report.skipped[:REPORT_MAX_SKIPPED]:
+            for path, reason in skipped[:REPORT_MAX_SKIPPED]:
                 lines.append(f"- `{_short_path(path, os.fspath(root))}`: {reason}")
-            if len(report.skipped) > REPORT_MAX_SKIPPED:
-                lines.append(f"- … and {len(report.skipped) - REPORT_MAX_SKIPPED} more")
+            if len(skipped) > REPORT_MAX_SKIPPED:
+                lines.append(f"- … and {len(skipped) - REPORT_MAX_SKIPPED} more")
         return "\n".join(lines), os.fspath(index_path)
 
     def search(self, text: str | None = None, image: str | os.PathLike | Image.Image | None = None, k: int = 12,
@@ -341,10 +379,14 @@ class SearchApp:
         ms = (time.perf_counter() - t0) * 1000
 
         root = self.folder if index_path is None or index_path == self.index_path else None
-        items, warnings, unreadable = [], [], []
+        items, warnings, unreadable, shown_hits = [], [], [], []
         for hit in hits:
+            if not self.policy.contains(hit.path):
+                unreadable.append(f"{hit.path} (outside the folders this app may show)")
+                continue
             try:
                 items.append((render_hit(hit), _caption(hit, root)))
+                shown_hits.append(hit)
             except ImageLoadError as e:
                 unreadable.append(f"{hit.path} ({e.reason})")
         what = " + ".join(p for p in (f"“{text}”" if text else None, "the query image" if image is not None
@@ -363,7 +405,7 @@ class SearchApp:
         if unreadable:
             warnings.append(f"{len(unreadable)} result file(s) could not be shown (moved or deleted since "
                             f"indexing?): {'; '.join(unreadable[:3])}")
-        return SearchResult(items, list(hits), status, warnings)
+        return SearchResult(items, shown_hits, status, warnings)
 
     def close(self) -> None:
         """Closes the index readers this app opened (not an :class:`Index` passed in by the caller)."""
@@ -387,17 +429,26 @@ class SearchTab:
         """Adds the tab and its events (``/search``, ``/index_folder``) to the current ``gr.Blocks``; sets
         ``ctx.search_app``."""
         gr = import_gradio()
-        app = SearchApp(ctx.index, ctx.embedder, folder=ctx.folder, device=ctx.device)
+        app = SearchApp(ctx.index, ctx.embedder, folder=ctx.folder, device=ctx.device, policy=ctx.policy,
+                        allow_dirs=ctx.allow_dirs, index_root=ctx.index_root)
         ctx.search_app = app
+        limits = ctx.limits
 
         def do_index(folder, progress=gr.Progress(track_tqdm=True)):
             with shown_to_user(gr, "Indexing"):
-                report, _ = app.index_folder(folder, progress=progress)
+                deadline = time.monotonic() + limits.index_timeout
+                report, _ = app.index_folder(folder, progress=progress, deadline=deadline)
                 return report, app.describe()
 
+        def search(text, image, k, threshold, folder_glob):
+            if isinstance(image, (str, os.PathLike)):  # an upload: limits checked before decoding
+                image, error = upload_error(image, limits, "the query image")
+                if error:
+                    raise UserInputError(error)
+            return app.search(text, image, k, threshold, folder_glob)
+
         def do_search(text, image, k, threshold, folder_glob):
-            with shown_to_user(gr, "Search"):
-                result = app.search(text, image, k, threshold, folder_glob)
+            result = ctx.run(gr, "Search", search, text, image, k, threshold, folder_glob)
             for message in result.warnings:
                 gr.Warning(message)
             return result.items, result.status
@@ -422,17 +473,18 @@ class SearchTab:
                     glob_box = gr.Textbox("", label="Only paths matching (optional glob)", placeholder="*/night/*",
                                           elem_id="folder-glob")
                 with gr.Column(scale=2):
-                    image_box = gr.Image(label="Image query (optional)", type="filepath",
-                                         sources=["upload", "clipboard"], height=220, elem_id="query-image")
+                    image_box = image_input(gr, limits, label="Image query (optional)",
+                                            sources=["upload", "clipboard"], height=220, elem_id="query-image")
             search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             status = gr.Markdown(label="Status", elem_id="status")
             gallery = gr.Gallery(label="Results", columns=4, object_fit="contain", height="auto",
                                  elem_id="results-gallery")
 
         index_button.click(do_index, [folder_box], [report_box, index_info], api_name="index_folder",
-                           concurrency_limit=1)
+                           concurrency_limit=1, concurrency_id="index")
         gr.on([search_button.click, text_box.submit], do_search,
-              [text_box, image_box, k_slider, threshold_slider, glob_box], [gallery, status], api_name="search")
+              [text_box, image_box, k_slider, threshold_slider, glob_box], [gallery, status], api_name="search",
+              concurrency_id="requests")
 
 
 TAB = SearchTab()
