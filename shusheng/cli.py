@@ -72,6 +72,7 @@ COMMANDS: dict[str, Command | Group] = {
                      "index image folders for text/image search (incremental, crash-safe)"),
     "search": Command("shusheng.retrieval_index.cli", "search an image index by text and/or image, with scores",
                       add="add_search_arguments", run="run_search"),
+    "export": Command("shusheng.deploy.cli", "export a model to checked ONNX / int8 ONNX / TensorRT for deployment"),
     "demo": Command("shusheng.apps.demo",
                     "launch the Gradio app (image-text search) on a sample collection at 127.0.0.1"),
 }

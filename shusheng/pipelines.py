@@ -8,7 +8,10 @@ a dataclass of per-item results. What the base gives every pipeline:
 * :meth:`Pipeline.stream`: images are decoded batch by batch through ``shusheng.data.load_image`` and the
   model's own transform (``modeling.resolve_transform``), so memory stays flat however many inputs a call gets;
   a file that cannot be loaded fails its own item (``errors[i]``) instead of the whole call;
-* ``in_domain`` / ``domain_score`` for every item, from the :class:`DomainCheck` stored with the weights.
+* ``in_domain`` / ``domain_score`` for every item, from the :class:`DomainCheck` stored with the weights;
+* ``runtime=``: what runs the image side (:meth:`Pipeline.image_module`, the part of the model that reads the
+  pixels): ``"torch"`` (eager, the default), ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (the fastest valid one
+  on this machine, measured once and cached; never slower than eager). See :mod:`shusheng.runtimes`.
 
 The in-domain check. A bundled model knows only SynthDrive's driving scenes; on a portrait photograph it would
 still answer with confidence. :class:`DomainCheck` is fitted once, when a model is trained, on the image
@@ -166,25 +169,42 @@ class Pipeline:
     """Base of every pipeline. A family's pipeline sets ``model_class`` and ``bundled_model`` and implements
     ``__call__`` (and ``domain_features`` when its model can be checked).
 
+    A family whose image side can run elsewhere than in eager PyTorch also implements :meth:`image_module` and
+    reads the pixels through :meth:`image_outputs`.
+
     Args:
         model: the model (put in eval mode).
         domain_check: the model's :class:`DomainCheck` (``from_pretrained`` loads the one stored with the weights).
+        runtime: ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` for the image side (see the module
+            docstring); the runner is made on first use.
+
+    Raises:
+        ValueError: an unknown runtime. ImportError: a runtime whose package is missing (the message names it).
     """
 
     model_class: ClassVar[type] = type(None)
     bundled_model: ClassVar[str | None] = None
 
-    def __init__(self, model: Any, domain_check: DomainCheck | None = None):
+    def __init__(self, model: Any, domain_check: DomainCheck | None = None, runtime: str = "torch"):
         from shusheng.modeling import resolve_transform
+        from shusheng.runtimes import check_runtime
 
         self.model = model.eval()
         self.domain_check = domain_check
         self.transform = resolve_transform(model)
+        self.runtime = check_runtime(runtime)
+        self._image_runner = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                        **kwargs: Any):
+                        runtime: str = "torch", **kwargs: Any):
         """Load a model folder (default: the bundled model) and its domain check into a pipeline.
+
+        Args:
+            path: a model folder, or None for the bundled model.
+            device: where the model runs.
+            runtime: what runs the image side (see :class:`Pipeline`).
+            **kwargs: passed to the model's ``from_pretrained``.
 
         Raises:
             shusheng.weights.BundledWeightsNotFound: ``path`` is None and the bundled folder is missing (the
@@ -196,10 +216,11 @@ class Pipeline:
 
             path = bundled_path(cls.bundled_model)
         model = cls.model_class.from_pretrained(path, **kwargs).to(device)
-        return cls(model, DomainCheck.load(path))
+        return cls(model, DomainCheck.load(path), runtime=runtime)
 
     def to(self, *args: Any, **kwargs: Any) -> Pipeline:
         self.model.to(*args, **kwargs)
+        self._image_runner = None  # made again for the new device/dtype on next use
         return self
 
     @property
@@ -209,6 +230,45 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    # -- image side and its runtime -----------------------------------------------------------------------
+
+    def image_module(self) -> torch.nn.Module | None:
+        """The part of the model that reads the pixels, as a module ``pixels (B, 3, S, S) -> tensor(s)`` (what
+        ``runtime=`` runs and ``shusheng export`` writes); None when the family has none."""
+        return None
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(3, S, S)``: the shape of one transformed image."""
+        from shusheng.modeling import Preprocess
+
+        m = self.model
+        p = m.preprocess_config() if hasattr(m, "preprocess_config") else Preprocess.from_timm(m.pretrained_cfg)
+        return (3, p.size, p.size)
+
+    @property
+    def image_runner(self):
+        """The runner of :meth:`image_module` (made on first use; ``image_runner.name`` is the runtime that
+        ``"auto"`` chose)."""
+        if self._image_runner is None:
+            from shusheng.runtimes import TorchRunner, create_runner
+
+            module = self.image_module()
+            if module is None:
+                if self.runtime not in ("torch", "auto"):
+                    raise ValueError(f"{type(self).__name__} has no image side that can run on {self.runtime}; "
+                                     "use runtime='torch'")
+                raise NotImplementedError(f"{type(self).__name__} defines no image_module()")
+            module.eval()
+            if self.runtime == "torch":
+                self._image_runner = TorchRunner(module)
+            else:
+                self._image_runner = create_runner(module, self.input_shape(), self.runtime, self.device)
+        return self._image_runner
+
+    def image_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`image_module`'s outputs for a batch of transformed images, from the pipeline's runtime."""
+        return self.image_runner(pixels)
 
     # -- inputs ---------------------------------------------------------------------------------------------
 

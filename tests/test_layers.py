@@ -40,7 +40,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     1: ("base", ("ops", "data", "_config", "_deps", "weights")),
     2: ("building blocks", ("backbone", "modeling", "text_encoders")),
     3: ("models", ("miniclip", "uniperceiver", "detection", "llm", "generation")),
-    4: ("pipelines", ("pipelines",)),
+    4: ("pipelines", ("pipelines", "runtimes")),
     5: ("applications", ("retrieval_index", "deploy")),
     6: ("entry points", ("cli", "apps", "train", "__main__")),
 }

@@ -9,6 +9,8 @@ counts 4-connected objects in the dense maps, batched.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,7 +82,7 @@ class DenseTower(nn.Module):
         levels = self.backbone.forward_intermediates(pixels, intermediates_only=True)[-3:]
         fused = self.lateral[0](levels[0])
         for i in (1, 2):
-            fused = fused + F.interpolate(self.lateral[i](levels[i]), size=fused.shape[-2:], mode="nearest")
+            fused = fused + _upsample_to(self.lateral[i](levels[i]), fused.shape[-2:])
         return levels, fused, self.dense_head(fused)  # dense: (B, L, S/8, S/8)
 
     def fused_and_dense(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +99,16 @@ class DenseTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(self.features(pixels))  # (B, embed_dim)
+
+
+def _upsample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest upsampling of ``x`` to ``size``. Exported (ONNX), an exact integer factor is written as a constant
+    scale rather than as sizes computed from the input's shape, so that ONNX shape inference keeps the spatial
+    size that later ops (adaptive pooling) need."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()) and size[0] % h == 0 and size[1] % w == 0:
+        return F.interpolate(x, scale_factor=(float(size[0] // h), float(size[1] // w)), mode="nearest")
+    return F.interpolate(x, size=size, mode="nearest")
 
 
 def components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
@@ -129,6 +141,10 @@ def count_components(mask: torch.Tensor) -> torch.Tensor:
     m = mask.reshape(-1, 1, h, w)
     own = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, 1, h, w)
     ids = own * m
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # a traced loop would keep only the iterations of the example input: export a real loop instead
+        ids = _scripted_propagation()(ids, m.to(ids.dtype), h * w)
+        return ((ids == own) & m).flatten(1).sum(1).reshape(lead)
     for _ in range(h * w):
         p = F.pad(ids, (1, 1, 1, 1))
         nxt = torch.maximum(torch.maximum(torch.maximum(p[..., :-2, 1:-1], p[..., 2:, 1:-1]),
@@ -137,6 +153,28 @@ def count_components(mask: torch.Tensor) -> torch.Tensor:
             break
         ids = nxt
     return ((ids == own) & m).flatten(1).sum(1).reshape(lead)
+
+
+@functools.cache
+def _scripted_propagation():
+    """The propagation of :func:`count_components` as a TorchScript function: exported (ONNX, TorchScript) it
+    is a ``Loop`` that stops when no id changes, exact for any input (scripted on first use, not at import)."""
+
+    def propagate(ids: torch.Tensor, m: torch.Tensor, max_steps: int) -> torch.Tensor:
+        changed = True
+        step = 0
+        while changed and step < max_steps:
+            p = F.pad(ids, [1, 1, 1, 1])
+            nxt = torch.maximum(torch.maximum(torch.maximum(p[:, :, :-2, 1:-1], p[:, :, 2:, 1:-1]),
+                                              torch.maximum(p[:, :, 1:-1, :-2], p[:, :, 1:-1, 2:])), ids) * m
+            changed = bool((nxt != ids).any())
+            ids = nxt
+            step += 1
+        return ids
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; ONNX Loop export still needs it
+        return torch.jit.script(propagate)
 
 
 class DenseTowerBackbone(PretrainedMixin, nn.Module):

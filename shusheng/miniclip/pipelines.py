@@ -6,8 +6,11 @@ with per-item errors and the in-domain check of :mod:`shusheng.pipelines`.
     >>> out = pipe(["street.png", "portrait.jpg"])
     >>> out.embeddings.shape, out.in_domain                    # (2, 384), [True, False]
 
-Search (``shusheng.retrieval_index``) embeds through the model's own ``embed_images``; its results do not
-depend on the in-domain check.
+Search (``shusheng.retrieval_index``) embeds through the model's own ``embed_images``, or through this pipeline
+when it is given a ``runtime``; its results do not depend on the in-domain check.
+
+``runtime="onnxruntime"`` / ``"tensorrt"`` / ``"auto"`` runs the image tower (:class:`ImageTower`: pixels →
+embedding and the features the domain check reads) outside eager PyTorch (:mod:`shusheng.runtimes`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,21 @@ import torch
 from shusheng.miniclip.model import MODEL_NAME, MiniClip
 from shusheng.pipelines import Pipeline, PipelineOutput, as_image_list
 
-__all__ = ["EmbeddingOutput", "EmbeddingPipeline"]
+__all__ = ["EmbeddingOutput", "EmbeddingPipeline", "ImageTower"]
+
+
+class ImageTower(torch.nn.Module):
+    """The image side of a :class:`MiniClip`: normalised pixels ``(B, 3, S, S)`` → ``(embedding, features)``,
+    the L2-normalised ``(B, dim)`` embedding and the pooled ``(B, feature_dim)`` tower features before the
+    projection. What ``shusheng export shusheng-mini-clip`` writes; shares the model's weights."""
+
+    def __init__(self, model: MiniClip):
+        super().__init__()
+        self.visual = model.visual
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.visual.features(pixels)  # (B, feature_dim)
+        return torch.nn.functional.normalize(self.visual.project(feats), dim=-1), feats
 
 
 @dataclass
@@ -44,6 +61,9 @@ class EmbeddingPipeline(Pipeline):
         """The pooled tower features before the projection ``(B, feature_dim)``."""
         return self.model.visual.features(pixels)
 
+    def image_module(self) -> ImageTower:
+        return ImageTower(self.model)
+
     def __call__(self, images: Any, batch_size: int = 32, on_error: str = "item") -> EmbeddingOutput:
         """Embed images.
 
@@ -61,8 +81,7 @@ class EmbeddingPipeline(Pipeline):
                 if batch.pixels is None:
                     self._fill(out, batch, [], [])
                     continue
-                feats = self.model.visual.features(batch.pixels)
-                vec = torch.nn.functional.normalize(self.model.visual.project(feats), dim=-1)
+                vec, feats = self.image_outputs(batch.pixels)
                 emb[batch.index] = vec.float().cpu().numpy()
                 self._fill(out, batch, *self.score_features(feats, len(batch.index)))
         return EmbeddingOutput(embeddings=emb, **out)

@@ -9,6 +9,10 @@ Two families are built in and reachable by name through :func:`create_embedder`:
   wrapped by :class:`OpenClipEmbedder`. Weights always come from a local file given as ``checkpoint``; nothing is
   ever downloaded.
 
+``runtime="onnxruntime"`` / ``"tensorrt"`` / ``"auto"`` (:func:`create_embedder`, :func:`with_runtime`) runs the
+image tower of a ``shusheng-mini-clip`` embedder outside eager PyTorch (:mod:`shusheng.runtimes`); its vectors
+match eager PyTorch's to ~1e-6, so an index mixes them freely. Texts always run in PyTorch.
+
 More names can be added with :func:`register_embedder`, the way timm registers models::
 
     @register_embedder("my-model")
@@ -35,7 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_EMBEDDER", "Embedder", "OpenClipEmbedder", "create_embedder", "list_embedders", "register_embedder",
+    "DEFAULT_EMBEDDER", "Embedder", "OpenClipEmbedder", "RuntimeEmbedder", "create_embedder", "list_embedders",
+    "register_embedder", "with_runtime",
 ]
 
 DEFAULT_EMBEDDER = "shusheng-mini-clip"
@@ -97,7 +102,7 @@ def list_embedders(include_open_clip: bool = False) -> list[str]:
 
 
 def create_embedder(name: str = DEFAULT_EMBEDDER, checkpoint: str | os.PathLike | None = None,
-                    device: str | None = None) -> Embedder:
+                    device: str | None = None, runtime: str = "torch") -> Embedder:
     """Builds an embedder by name.
 
     Args:
@@ -106,18 +111,25 @@ def create_embedder(name: str = DEFAULT_EMBEDDER, checkpoint: str | os.PathLike 
         checkpoint: local weights: a folder for ``shusheng-mini-clip`` (overrides the bundled weights), a file
             (or a folder holding ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``) for open_clip.
         device: torch device string; default CUDA when available, else CPU.
+        runtime: what runs the image side (``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, ``"auto"``; see
+            :func:`with_runtime`).
 
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, or a runtime the embedder cannot use.
+        ImportError: the runtime's package is missing.
         FileNotFoundError: an open_clip model without a local checkpoint, or a checkpoint path that does not exist.
     """
+    from shusheng.runtimes import check_runtime
+
+    check_runtime(runtime)  # before any model is loaded
     if name in _EMBEDDERS:
-        return _EMBEDDERS[name](checkpoint=checkpoint, device=device)
+        return with_runtime(_EMBEDDERS[name](checkpoint=checkpoint, device=device), runtime)
     if name.startswith(_OPEN_CLIP_PREFIX):
-        return OpenClipEmbedder.from_checkpoint(name[len(_OPEN_CLIP_PREFIX):], checkpoint, device=device)
+        return with_runtime(OpenClipEmbedder.from_checkpoint(name[len(_OPEN_CLIP_PREFIX):], checkpoint,
+                                                             device=device), runtime)
     open_clip = require("open_clip", extra="retrieval", package="open_clip_torch")
     if name in open_clip.list_models():
-        return OpenClipEmbedder.from_checkpoint(name, checkpoint, device=device)
+        return with_runtime(OpenClipEmbedder.from_checkpoint(name, checkpoint, device=device), runtime)
     raise ValueError(
         f"unknown embedder {name!r}: registered are {sorted(_EMBEDDERS)}, plus 'open_clip:<arch>' for any "
         f"open_clip architecture (shusheng.retrieval_index.list_embedders(include_open_clip=True) lists them)"
@@ -134,6 +146,59 @@ def _shusheng_mini_clip(checkpoint: str | os.PathLike | None = None, device: str
         raise FileNotFoundError(f"shusheng-mini-clip checkpoint {os.fspath(checkpoint)!r} is not a folder "
                                 "(expected a save_pretrained directory with config.json + model.safetensors)")
     return miniclip.MiniClip.from_pretrained(checkpoint, device=device)
+
+
+def with_runtime(embedder: Embedder, runtime: str = "torch") -> Embedder:
+    """``embedder`` with its image side on ``runtime``: ``"torch"`` returns it unchanged; a
+    :class:`~shusheng.miniclip.MiniClip` is wrapped in a :class:`RuntimeEmbedder`; other embedders run only in
+    PyTorch (``"auto"`` then keeps them as they are).
+
+    Raises:
+        ValueError: a runtime other than torch/auto for an embedder that has no exportable image side.
+    """
+    from shusheng.miniclip import MiniClip
+    from shusheng.runtimes import check_runtime
+
+    check_runtime(runtime)
+    if runtime == "torch" or isinstance(embedder, RuntimeEmbedder):
+        return embedder
+    if isinstance(embedder, MiniClip):
+        return RuntimeEmbedder(embedder, runtime)
+    if runtime == "auto":
+        return embedder
+    raise ValueError(f"runtime {runtime!r} is available for shusheng-mini-clip embedders, not for "
+                     f"{getattr(embedder, 'name', type(embedder).__name__)!r}; use runtime 'torch' or 'auto'")
+
+
+class RuntimeEmbedder:
+    """A :class:`~shusheng.miniclip.MiniClip` whose images go through an
+    :class:`~shusheng.miniclip.pipelines.EmbeddingPipeline` on another runtime (same preprocessing, same
+    vectors within the runtime's tolerance); texts go through the model.
+
+    Args:
+        model: the mini-clip model.
+        runtime: ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (the runner is made on the first images).
+    """
+
+    def __init__(self, model, runtime: str):
+        from shusheng.miniclip.pipelines import EmbeddingPipeline
+
+        self.model = model
+        self.name, self.dim = model.name, model.dim
+        self.runtime = runtime
+        self.pipeline = EmbeddingPipeline(model, None, runtime=runtime)
+
+    def embed_images(self, images: list[Image.Image], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Images → ``(n, dim)`` float32 unit rows (raises ``shusheng.data.ImageLoadError`` for a bad image)."""
+        if not len(images):
+            return np.empty((0, self.dim), np.float32)
+        return self.pipeline(list(images), batch_size=batch_size, on_error="raise").embeddings
+
+    def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        return self.model.embed_texts(texts, batch_size=batch_size)
+
+    def __repr__(self) -> str:
+        return f"RuntimeEmbedder(name={self.name!r}, dim={self.dim}, runtime={self.runtime!r})"
 
 
 def _resolve_open_clip_checkpoint(arch: str, checkpoint: str | os.PathLike | None) -> Path:

@@ -129,9 +129,13 @@ def load_regions(regions: Mapping[str, Any] | str | os.PathLike | None, root: st
     return out
 
 
-def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (), include_hidden: bool = False
+def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (), include_hidden: bool = False,
+                within: Sequence[str | os.PathLike] | None = None
                 ) -> tuple[list[str], list[tuple[str, str]], list[str]]:
     """Image files below ``root`` (by extension, sorted), following symlinks without looping.
+
+    With ``within``, a file or folder whose real path (symbolic links resolved) is not below one of those
+    folders is skipped ("symbolic link leads outside the allowed folders") instead of followed.
 
     Returns:
         ``(files, skipped, unlisted)``: absolute file paths; ``(path, reason)`` for symlink loops and folders that
@@ -139,6 +143,11 @@ def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (),
     """
     root = os.path.abspath(root)
     skip_real = {os.path.realpath(p) for p in skip}
+    allowed = None if within is None else [os.path.join(os.path.realpath(d), "") for d in within]
+
+    def outside(path: str) -> bool:
+        return allowed is not None and not os.path.join(os.path.realpath(path), "").startswith(tuple(allowed))
+
     files: list[str] = []
     skipped: list[tuple[str, str]] = []
     unlisted: list[str] = []
@@ -177,10 +186,15 @@ def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (),
                         skipped.append((entry.path, "symlink loop (points to a folder already scanned)"))
                     continue
                 visited.add(key)
-                if os.path.realpath(entry.path) not in skip_real:
+                if outside(entry.path):
+                    skipped.append((entry.path, "symbolic link leads outside the allowed folders"))
+                elif os.path.realpath(entry.path) not in skip_real:
                     subdirs.append(entry.path)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                files.append(entry.path)
+                if outside(entry.path):
+                    skipped.append((entry.path, "symbolic link leads outside the allowed folders"))
+                else:
+                    files.append(entry.path)
         stack.extend(reversed(subdirs))
     return sorted(files), skipped, unlisted
 
@@ -209,12 +223,13 @@ def _embedder_key(name: str) -> str:
 
 
 def resolve_embedder(embedder: Embedder | str | None, index_path: Path, checkpoint: str | os.PathLike | None,
-                     device: str | None) -> tuple[Embedder, str | os.PathLike | None]:
-    """The embedder for an ingest: the given object, a name, or the one recorded in an existing index.
+                     device: str | None, runtime: str = "torch") -> tuple[Embedder, str | os.PathLike | None]:
+    """The embedder for an ingest: the given object, a name, or the one recorded in an existing index, with its
+    image side on ``runtime`` (:func:`~shusheng.retrieval_index.embedders.with_runtime`).
 
     A name that differs from the recorded one fails before any model is loaded.
     """
-    from shusheng.retrieval_index.embedders import DEFAULT_EMBEDDER, create_embedder
+    from shusheng.retrieval_index.embedders import DEFAULT_EMBEDDER, create_embedder, with_runtime
 
     recorded = read_embedder_info(index_path, missing_ok=True)
     if embedder is None or isinstance(embedder, str):
@@ -226,8 +241,8 @@ def resolve_embedder(embedder: Embedder | str | None, index_path: Path, checkpoi
                 "or a new --index path.")
         if checkpoint is None and recorded is not None:
             checkpoint = recorded.checkpoint
-        return create_embedder(name, checkpoint=checkpoint, device=device), checkpoint
-    return embedder, checkpoint
+        return create_embedder(name, checkpoint=checkpoint, device=device, runtime=runtime), checkpoint
+    return with_runtime(embedder, runtime), checkpoint
 
 
 @dataclass
@@ -444,7 +459,9 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
                  device: str | None = None, regions: Mapping[str, Any] | str | os.PathLike | None = None,
                  detector: BoxDetector | None = None, batch_size: int = 32, commit_every: int = 256,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, include_hidden: bool = False,
-                 progress: bool = True, workers: int | None = None) -> IngestReport:
+                 progress: bool = True, workers: int | None = None,
+                 within: Sequence[str | os.PathLike] | None = None, deadline: float | None = None,
+                 runtime: str = "torch") -> IngestReport:
     """Indexes (or incrementally re-indexes) every image below ``folder``.
 
     Args:
@@ -466,6 +483,14 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
         include_hidden: also index files and folders whose names start with ``.``.
         progress: tqdm progress bar over files.
         workers: decode threads (default ``min(4, cpu_count)``).
+        within: only files whose real path lies below one of these folders are indexed; symbolic links that lead
+            elsewhere are skipped (default: no limit).
+        deadline: a ``time.monotonic()`` value; once it is passed, no further file is started, what was done is
+            committed, and the report's ``skipped`` gets ``(folder, "stopped at the time limit: ...")``. The next
+            run continues (default: no limit).
+        runtime: what runs the embedder's image side: ``"torch"`` (default), ``"onnxruntime"``, ``"tensorrt"``
+            or ``"auto"`` (the fastest valid one here, never slower than torch; shusheng-mini-clip only, see
+            :func:`~shusheng.retrieval_index.embedders.with_runtime`). Vectors match torch's to ~1e-6.
 
     Returns:
         The :class:`IngestReport` of the run.
@@ -484,17 +509,22 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
     if not root.is_dir():
         raise NotADirectoryError(f"{os.fspath(root)!r} is not a folder")
     index_path = Path(index_path).expanduser().absolute() if index_path else root / DEFAULT_INDEX_DIRNAME
-    embedder, checkpoint = resolve_embedder(embedder, index_path, checkpoint, device)
+    embedder, checkpoint = resolve_embedder(embedder, index_path, checkpoint, device, runtime)
     region_spec = load_regions(regions, root)
     report = IngestReport(index_path=os.fspath(index_path))
     workers = workers or min(4, os.cpu_count() or 1)
     with Index.open(index_path, create=True, embedder=embedder, checkpoint=checkpoint) as index:
-        files, scan_skipped, unlisted = scan_folder(root, skip=[index_path], include_hidden=include_hidden)
+        limit = {} if within is None else {"within": within}  # the old call when unused (wrappers of scan_folder)
+        files, scan_skipped, unlisted = scan_folder(root, skip=[index_path], include_hidden=include_hidden, **limit)
         report.skipped.extend(scan_skipped)
         run = _Ingest(index, embedder, report, region_spec=region_spec, detector=detector, batch_size=batch_size,
                       commit_every=commit_every, max_pixels=max_pixels, workers=workers)
         try:
-            for path in tqdm(files, desc="indexing", unit="file", disable=not progress):
+            for n, path in enumerate(tqdm(files, desc="indexing", unit="file", disable=not progress)):
+                if deadline is not None and time.monotonic() >= deadline:
+                    report.skipped.append((os.fspath(root), f"stopped at the time limit: {len(files) - n} of "
+                                           f"{len(files)} files not looked at yet; index again to continue"))
+                    break
                 run.process(path)
             run.finish()
         finally:

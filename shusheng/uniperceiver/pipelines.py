@@ -12,6 +12,8 @@ Images are decoded batch by batch through ``shusheng.data.load_image`` and the m
 (``on_error="raise"`` raises ``ImageLoadError`` instead). Every item carries ``in_domain``/``domain_score``: the
 bundled model knows only SynthDrive's driving scenes and says so for anything else. Everything runs under
 ``torch.inference_mode()`` on the model's device and dtype (CPU float32 by default; move it with ``.to()``).
+``runtime="onnxruntime"`` / ``"tensorrt"`` / ``"auto"`` runs the image side (:class:`ImageSide`: backbone + image
+tokenizer) outside eager PyTorch (:mod:`shusheng.runtimes`); the decoder stays in PyTorch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from shusheng.uniperceiver.model import UniPerceiver
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUNDLED_MODEL", "CaptionOutput", "CaptionPipeline", "VQAOutput", "VQAPipeline", "bundled_model_path"]
+__all__ = ["BUNDLED_MODEL", "CaptionOutput", "CaptionPipeline", "ImageSide", "VQAOutput", "VQAPipeline",
+           "bundled_model_path"]
 
 BUNDLED_MODEL = "shusheng-mini-uniperceiver"
 
@@ -77,9 +80,28 @@ class VQAOutput(PipelineOutput):
     mode: str
 
 
+class ImageSide(torch.nn.Module):
+    """The image side of a :class:`UniPerceiver`: normalised pixels ``(B, 3, S, S)`` → ``(image_tokens,
+    pooled)``, the ``(B, N, D)`` tokens the decoder reads and the pooled ``(B, N, C)`` backbone features they are
+    made from (the domain check reads those). What ``shusheng export shusheng-mini-uniperceiver`` writes; shares
+    the model's weights."""
+
+    def __init__(self, model: UniPerceiver):
+        super().__init__()
+        self.image = model.image
+        self.type_embedding = model.text.token_type  # row 1: the image token type
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.image.pooled_features(pixels)  # (B, N, C)
+        return self.image.tokens(pooled, self.type_embedding.weight[1]), pooled  # (B, N, D), (B, N, C)
+
+
 class _UniPerceiverPipeline(Pipeline):
     model_class = UniPerceiver
     bundled_model = BUNDLED_MODEL
+
+    def image_module(self) -> ImageSide:
+        return ImageSide(self.model)
 
     def domain_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._domain_from_pooled(self.model.image.pooled_features(pixels))
@@ -92,9 +114,9 @@ class _UniPerceiverPipeline(Pipeline):
 
     def _encode(self, pixels: torch.Tensor, out: dict[str, list], batch) -> torch.Tensor:
         """Image tokens of a batch; fills its in-domain fields (the check reads the same backbone pass)."""
-        pooled = self.model.image.pooled_features(pixels)
+        tokens, pooled = self.image_outputs(pixels)
         self._fill(out, batch, *self.score_features(self._domain_from_pooled(pooled), len(pixels)))
-        return self.model.image_tokens(pooled=pooled)
+        return tokens
 
 
 class CaptionPipeline(_UniPerceiverPipeline):
