@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from shusheng._config import config_from_any
+from shusheng._deps import require
 from shusheng.backbone.checkpoint import (
     PretrainedWeightsNotFound,
     filter_state_dict,
@@ -129,7 +130,10 @@ class MLPLayer(nn.Module):
 
 def _inference(t: torch.Tensor) -> bool:
     """True when autograd will not need ``t`` (no grad mode, or a tensor outside the graph): in-place ops are
-    then safe. Not under tracing/export, which expect the functional graph."""
+    then safe. Not under tracing/export (TorchScript, torch.fx, torch.compile, ONNX), which expect the functional
+    graph."""
+    if torch.fx._symbolic_trace.is_fx_tracing():  # a Proxy cannot be read as a bool
+        return False
     return not (t.requires_grad or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or torch.onnx.is_in_onnx_export())
 
@@ -364,6 +368,8 @@ class InternImageConfig:
         channels: channels ``C`` of level 0; level ``i`` has ``C * 2**i``.
         depths, groups: blocks and DCNv3 groups per level.
         num_classes: classifier classes (0 = no classifier, ``head`` is Identity).
+        global_pool: ``"avg"`` (pooled head, the official model) or ``""`` (timm's pass-through: ``forward``
+            returns the unpooled NCHW map of the head, ``(B, head_hidden_size, H/32, W/32)`` for T–XL).
         in_chans: image channels.
         mlp_ratio: MLP hidden width / channels.
         drop_rate: dropout after the stem and inside the MLPs.
@@ -392,6 +398,7 @@ class InternImageConfig:
     depths: tuple[int, ...] = (4, 4, 18, 4)
     groups: tuple[int, ...] = (4, 8, 16, 32)
     num_classes: int = 1000
+    global_pool: str = "avg"
     in_chans: int = 3
     mlp_ratio: float = 4.0
     drop_rate: float = 0.0
@@ -509,7 +516,10 @@ class InternImage(PretrainedMixin, nn.Module):
         super().__init__()
         cfg = InternImageConfig.from_any(config, **kwargs)
         self.config = cfg
+        if cfg.global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {cfg.global_pool!r}")
         self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
         self.num_levels = len(cfg.depths)
         self.depths = list(cfg.depths)
         self.channels = cfg.channels
@@ -589,10 +599,14 @@ class InternImage(PretrainedMixin, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the final ``head`` Linear with a freshly initialised one (``num_classes=0``: Identity).
 
-        The conv head / attention pooling before it are kept (they are the pre-logits layers).
+        The conv head / attention pooling before it are kept (they are the pre-logits layers). ``global_pool=""``
+        turns the pooling off (timm's convention): ``forward`` then returns the head's unpooled NCHW map and
+        needs ``num_classes=0``.
         """
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"InternImage only supports global_pool='avg', got {global_pool!r}")
+        if global_pool not in (None, "avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        if global_pool is not None:
+            self.global_pool = global_pool
         self.num_classes = num_classes
         if num_classes > 0:
             ref = next(self.parameters())
@@ -646,6 +660,11 @@ class InternImage(PretrainedMixin, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """NCHW output of ``forward_features`` → logits ``(B, num_classes)`` or pre-logits features."""
+        if self.global_pool == "" and not pre_logits:
+            if self.num_classes:
+                raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier takes pooled "
+                                 "features")
+            return self.conv_head(x) if self._head_type == "conv" else x  # (B, C', H/32, W/32) unpooled
         if self._head_type == "conv":
             x = torch.flatten(self.avgpool(self.conv_head(x)), 1)  # (B, 1.5 * 8C)
         elif self._head_type == "clip":
@@ -730,7 +749,8 @@ class InternImage(PretrainedMixin, nn.Module):
         if self._pruned:
             raise ValueError("a model changed by prune_intermediate_layers cannot be rebuilt from its config; "
                              "save its state_dict instead")
-        return replace(self.config, num_classes=self.num_classes, with_cp=self.grad_checkpointing).to_dict()
+        return replace(self.config, num_classes=self.num_classes, global_pool=self.global_pool,
+                       with_cp=self.grad_checkpointing).to_dict()
 
     def _extra_config(self) -> dict[str, Any]:
         # timm reads these keys: timm.create_model("local-dir:<folder>", pretrained=True)
@@ -855,6 +875,10 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs) -> Int
     ``pretrained``), ``pretrained_strict`` (default True); timm's ``cache_dir`` and ``pretrained_model_args`` are
     accepted and unused.
     """
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", 4)
+    feature_cls = kwargs.pop("feature_cls", "getter")
+    output_fmt = kwargs.pop("output_fmt", "NCHW")
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     checkpoint_path = kwargs.pop("checkpoint_path", None)
@@ -880,6 +904,11 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs) -> Int
     cfg.pop("state_dict", None)
     cfg["num_classes"] = model.num_classes
     model.pretrained_cfg = cfg
+    if features_only:  # timm's feature-extraction contract, through forward_intermediates
+        if feature_cls not in ("getter", None):
+            raise ValueError(f"InternImage features_only supports feature_cls='getter' only, got {feature_cls!r}")
+        features = require("timm.models._features", extra="backbone", package="timm")
+        return features.FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
     return model
 
 

@@ -111,10 +111,21 @@ def _register_with_timm(fn: Callable[..., nn.Module]) -> None:
     from timm.models import model_entrypoint as timm_entrypoint
     from timm.models import register_model as timm_register
 
+    _register_fx_leaves()
     name = fn.__name__
     if timm_is_model(name) and timm_entrypoint(name) is fn:
         return
     timm_register(fn)
+
+
+def _register_fx_leaves() -> None:
+    """Make the DCNv3 module a leaf of timm's torch.fx tracing (its input checks and the kernel dispatch are
+    Python control flow), so ``create_feature_extractor`` and timm's FX tooling trace InternImage."""
+    from timm.layers import register_notrace_module
+
+    from shusheng.ops import DCNv3
+
+    register_notrace_module(DCNv3)
 
 
 def register_timm_models() -> list[str]:
