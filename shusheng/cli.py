@@ -68,6 +68,7 @@ COMMANDS: dict[str, Command | Group] = {
                        add="add_caption_arguments", run="run_caption"),
     "ask": Command("shusheng.uniperceiver.cli", "ask a question about images (VQA with the unified decoder)",
                    add="add_ask_arguments", run="run_ask"),
+    "detect": Command("shusheng.detection.cli", "detect objects in images with a saved detector (--json, --draw)"),
     "index": Command("shusheng.retrieval_index.cli",
                      "index image folders for text/image search (incremental, crash-safe)"),
     "search": Command("shusheng.retrieval_index.cli", "search an image index by text and/or image, with scores",

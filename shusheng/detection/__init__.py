@@ -6,13 +6,32 @@
     >>> detector.detect("street.png")      # [{"box": [x, y, w, h], "label": "red car", "score": 0.93}, ...]
 
 Anything with the :class:`Detector` shape plugs into ``shusheng.retrieval_index`` ingest (``--detect``).
+
+Mask R-CNN / FCOS (torchvision) on a feature pyramid over any ``create_backbone`` tower (docs/detection.md):
+
+    >>> from shusheng.detection import DetectionPipeline, DetectorConfig, InternImageDetector, PipelineDetector
+    >>> model = InternImageDetector(DetectorConfig(backbone="internimage_t", head="fcos"))   # random init
+    >>> DetectionPipeline(model)(["street.png"]).detections
+
+Importing this package is light; torch models load on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["DenseObjectDetector", "Detector"]
+_EXPORTS = {
+    "DenseObjectDetector": "shusheng.detection.dense",
+    "BackboneFPN": "shusheng.detection.fpn",
+    "DetectorConfig": "shusheng.detection.model",
+    "InternImageDetector": "shusheng.detection.model",
+    "DetectionOutput": "shusheng.detection.pipelines",
+    "DetectionPipeline": "shusheng.detection.pipelines",
+    "PipelineDetector": "shusheng.detection.pipelines",
+}
+
+__all__ = sorted([*_EXPORTS, "Detector"])
 
 
 @runtime_checkable
@@ -35,8 +54,6 @@ class Detector(Protocol):
 
 
 def __getattr__(name: str) -> Any:
-    if name == "DenseObjectDetector":
-        from shusheng.detection.dense import DenseObjectDetector
-
-        return DenseObjectDetector
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'shusheng.detection' has no attribute {name!r}")

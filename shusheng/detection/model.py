@@ -1,0 +1,184 @@
+"""Detectors on a feature pyramid over any ``create_backbone`` tower: torchvision's Mask R-CNN or FCOS.
+
+    >>> from shusheng.detection.model import DetectorConfig, InternImageDetector
+    >>> model = InternImageDetector(DetectorConfig(backbone="internimage_t", head="maskrcnn"))   # random init
+    >>> losses = model(images, targets)             # train mode: {"loss_classifier": ..., ...}
+    >>> model.eval(); found = model(images)          # [{"boxes", "labels", "scores"(, "masks")}, ...]
+    >>> model.save_pretrained("out/det"); InternImageDetector.from_pretrained("out/det")
+
+``forward`` is torchvision's: ``images`` is a list of ``(3, H, W)`` float tensors in [0, 1], each at its own size;
+the model normalises them with the backbone's mean/std, resizes them keeping the aspect ratio (shorter side
+``min_size``, longer side at most ``max_size``) and reports boxes ``[x0, y0, x1, y1]`` (and masks) in the pixels
+of each input tensor. Labels are ``1..num_classes`` (0 is the background); ``config.labels[k - 1]`` names
+label ``k``. Nothing is downloaded: heads are randomly initialised and the tower comes from
+``create_backbone`` (its own local weights, if asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from shusheng._config import config_from_any
+from shusheng.backbone import create_backbone
+from shusheng.detection.fpn import BackboneFPN
+from shusheng.modeling import Preprocess, PretrainedMixin
+
+__all__ = ["HEADS", "DetectorConfig", "InternImageDetector"]
+
+HEADS = ("maskrcnn", "fcos")
+
+
+def _synthdrive_labels() -> list[str]:
+    from shusheng.data.synthdrive import COCO_CATEGORIES
+
+    return [c["name"] for c in sorted(COCO_CATEGORIES, key=lambda c: c["id"])]
+
+
+@dataclass
+class DetectorConfig:
+    """Constructor arguments of :class:`InternImageDetector` (stored in ``config.json``).
+
+    Args:
+        backbone: a ``create_backbone`` name whose tower has ``forward_intermediates`` and ``feature_info``.
+        backbone_args: builder arguments of the tower (``{"channels": 8}``, ...).
+        backbone_indices: the tower levels the pyramid reads (None = all: strides 4-32 for InternImage; for a
+            timm ResNet ``[1, 2, 3, 4]`` skips its stride-2 level).
+        head: ``"maskrcnn"`` (boxes + instance masks) or ``"fcos"`` (boxes; one stage, lighter).
+        labels: class names; label ``k`` (1-based) is ``labels[k - 1]``. Default: SynthDrive's COCO categories
+            (car, truck, bus, person, traffic light, sign), whose ids are the same 1-based labels.
+        num_classes: foreground classes; 0 = ``len(labels)``. Without labels, classes are named ``class_<k>``.
+        fpn_channels: channels of the pyramid maps (for ``"fcos"`` a multiple of 32, at least 64).
+        min_size, max_size: inputs are resized (aspect kept) so the shorter side is ``min_size`` unless the
+            longer side would exceed ``max_size``.
+        score_threshold: detections scoring lower are never reported.
+        detections_per_image: at most this many detections per image.
+    """
+
+    backbone: str = "internimage_t"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    backbone_indices: list[int] | None = None
+    head: str = "maskrcnn"
+    labels: list[str] = field(default_factory=_synthdrive_labels)
+    num_classes: int = 0
+    fpn_channels: int = 256
+    min_size: int = 256
+    max_size: int = 512
+    score_threshold: float = 0.05
+    detections_per_image: int = 100
+
+    def __post_init__(self):
+        self.labels = [str(v) for v in self.labels]
+        self.backbone_args = dict(self.backbone_args)
+        if self.backbone_indices is not None:
+            self.backbone_indices = [int(i) for i in self.backbone_indices]
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.num_classes == 0:
+            self.num_classes = len(self.labels)
+        if self.num_classes < 1:
+            raise ValueError("a detector needs at least one class: give labels or num_classes")
+        if not self.labels:
+            self.labels = [f"class_{k}" for k in range(1, self.num_classes + 1)]
+        if len(self.labels) != self.num_classes:
+            raise ValueError(f"num_classes={self.num_classes} but {len(self.labels)} labels given")
+        if self.head == "fcos" and (self.fpn_channels % 32 or self.fpn_channels < 64):
+            # with one channel per group, a 1 x 1 pyramid map (small images) cannot be normalised
+            raise ValueError(f"the fcos head group-normalises in 32 groups: fpn_channels must be a multiple of 32 "
+                             f"and at least 64, got {self.fpn_channels}")
+        if not 0 < self.min_size <= self.max_size:
+            raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if not 0.0 <= self.score_threshold < 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
+
+    @classmethod
+    def from_any(cls, config: DetectorConfig | Mapping[str, Any] | None = None, **overrides: Any) -> DetectorConfig:
+        """Build from a config, a plain dict (e.g. a parsed ``config.json``) and/or keyword overrides."""
+        return config_from_any(cls, config, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def _tower_preprocess(tower: nn.Module) -> Preprocess:
+    if hasattr(tower, "preprocess_config"):
+        return tower.preprocess_config()
+    return Preprocess.from_timm(getattr(tower, "pretrained_cfg", {}) or {})
+
+
+class InternImageDetector(PretrainedMixin, nn.Module):
+    """Mask R-CNN or FCOS (torchvision) on a :class:`~shusheng.detection.fpn.BackboneFPN` (see the module
+    docstring for ``forward``).
+
+    Args:
+        config: a :class:`DetectorConfig` or a dict of its fields.
+        **overrides: config fields.
+
+    Attributes:
+        detector: the torchvision model (its ``backbone`` is the pyramid).
+    """
+
+    model_type = "detector"
+    config_class = DetectorConfig
+
+    def __init__(self, config: DetectorConfig | Mapping[str, Any] | None = None, **overrides: Any):
+        super().__init__()
+        self.config = c = DetectorConfig.from_any(config, **overrides)
+        tower = create_backbone(c.backbone, **c.backbone_args)
+        pre = _tower_preprocess(tower)
+        self._mean, self._std = pre.mean, pre.std
+        fpn = BackboneFPN(tower, c.fpn_channels, indices=c.backbone_indices)
+        self.detector = _build_head(c, fpn, list(pre.mean), list(pre.std))
+
+    @property
+    def fpn(self) -> BackboneFPN:
+        """The feature pyramid (held once, as ``detector.backbone``)."""
+        return self.detector.backbone
+
+    @property
+    def labels(self) -> list[str]:
+        return self.config.labels
+
+    def label_name(self, label: int) -> str:
+        """Name of torchvision label ``label`` (1-based)."""
+        return self.config.labels[int(label) - 1]
+
+    def preprocess_config(self) -> Preprocess:
+        # the detector resizes by itself (aspect kept); this records the mean/std and the shorter side
+        return Preprocess(size=self.config.min_size, resize="shorter_crop", interpolation="bilinear",
+                          mean=self._mean, std=self._std)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
+        """torchvision's: losses (train mode, ``targets`` needed) or per-image detections (eval mode)."""
+        if self.config.head != "fcos":
+            return self.detector(images, targets)
+        # FCOS scores classes with sigmoids and has no background class: its classes 0..K-1 are labels 1..K
+        if targets is not None:
+            targets = [{**t, "labels": t["labels"] - 1} for t in targets]
+        out = self.detector(images, targets)
+        if isinstance(out, list):
+            out = [{**r, "labels": r["labels"] + 1} for r in out]
+        return out
+
+
+def _build_head(c: DetectorConfig, fpn: BackboneFPN, mean: list[float], std: list[float]) -> nn.Module:
+    from torchvision.models.detection import FCOS, MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    common = dict(min_size=c.min_size, max_size=c.max_size, image_mean=mean, image_std=std)
+    sizes = tuple((8 * s,) for s in fpn.strides)  # 32 px anchors at stride 4, doubling per level
+    if c.head == "fcos":
+        anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+        return FCOS(fpn, num_classes=c.num_classes, anchor_generator=anchors, score_thresh=c.score_threshold,
+                    detections_per_img=c.detections_per_image, **common)
+    levels = fpn.names[:-1]  # RoI pooling reads the pyramid levels, not the max-pooled one
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return MaskRCNN(fpn, num_classes=c.num_classes + 1, rpn_anchor_generator=anchors,
+                    box_roi_pool=MultiScaleRoIAlign(levels, 7, 2), mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
+                    box_score_thresh=c.score_threshold, box_detections_per_img=c.detections_per_image, **common)
