@@ -63,11 +63,18 @@ def as_image_list(images: Any) -> list:
 @dataclass
 class Batch:
     """One streamed batch: ``pixels[j]`` is input ``index[j]``; ``errors`` holds ``(input index, message)`` of
-    the inputs of this stretch that could not be loaded."""
+    the inputs of this stretch that could not be loaded. With ``stream(..., own_size=True)`` the images are the
+    list ``images`` of ``(3, H_j, W_j)`` tensors in [0, 1] instead."""
 
     index: list[int]
     pixels: torch.Tensor | None
     errors: list[tuple[int, str]]
+    images: list[torch.Tensor] = field(default_factory=list)
+
+
+def _to_unit_tensor(img: Any) -> torch.Tensor:
+    """An RGB PIL image → ``(3, H, W)`` float32 in [0, 1], at its own size."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
 @dataclass(kw_only=True)
@@ -272,7 +279,8 @@ class Pipeline:
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
-    def stream(self, images: Sequence[Any], batch_size: int, on_error: str = "item") -> Iterator[Batch]:
+    def stream(self, images: Sequence[Any], batch_size: int, on_error: str = "item",
+               own_size: bool = False) -> Iterator[Batch]:
         """Decode and transform ``images`` ``batch_size`` at a time.
 
         Args:
@@ -280,6 +288,9 @@ class Pipeline:
             batch_size: images per batch.
             on_error: ``"item"``: an image that cannot be loaded is reported in ``Batch.errors`` and the others
                 go on; ``"raise"``: its ``ImageLoadError`` ends the call.
+            own_size: keep every image at its own size, as RGB in [0, 1] without the model's transform, and give
+                them as the list ``Batch.images`` (``pixels`` is then None): for models that resize and
+                normalise themselves (torchvision's detectors).
         """
         from shusheng.data import ImageLoadError, load_image
 
@@ -291,13 +302,17 @@ class Pipeline:
             index, tensors, errors = [], [], []
             for i in range(start, min(len(images), start + batch_size)):
                 try:
-                    tensors.append(self.transform(load_image(images[i])))
+                    img = load_image(images[i])
                 except ImageLoadError as e:
                     if on_error == "raise":
                         raise
                     errors.append((i, str(e)))
                     continue
+                tensors.append(_to_unit_tensor(img) if own_size else self.transform(img))
                 index.append(i)
+            if own_size:
+                yield Batch(index, None, errors, [t.to(device=self.device, dtype=self.dtype) for t in tensors])
+                continue
             pixels = torch.stack(tensors).to(device=self.device, dtype=self.dtype) if tensors else None
             yield Batch(index, pixels, errors)
 

@@ -126,3 +126,12 @@ def test_bundled_model_knows_its_domain(name):
         # alpha 0.005: it reads as a scene in thick fog), measured in bench/domain_check.py
         far, _ = pipe.check_domain(torch.stack([pipe.transform(im) for im in nonscene_images(8)]))
         assert sum(far) <= 1
+
+
+def test_stream_can_keep_each_image_at_its_own_size():
+    wide, tall = _img(0, 40).resize((50, 30)), _img(1, 40).resize((20, 36))
+    (batch,) = list(_pipe().stream([wide, b"junk", tall], batch_size=3, own_size=True))
+    assert batch.pixels is None and batch.index == [0, 2] and batch.errors[0][0] == 1
+    assert [tuple(t.shape) for t in batch.images] == [(3, 30, 50), (3, 36, 20)]
+    assert all(0.0 <= float(t.min()) and float(t.max()) <= 1.0 for t in batch.images)
+    assert torch.allclose(batch.images[0][:, 0, 0] * 255, torch.tensor(wide.getpixel((0, 0)), dtype=torch.float32))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from shusheng.detection.model import InternImageDetector
-from shusheng.pipelines import Batch, Pipeline, PipelineOutput, as_image_list
+from shusheng.pipelines import Pipeline, PipelineOutput, as_image_list
 
 __all__ = ["DetectionOutput", "DetectionPipeline", "PipelineDetector"]
 
@@ -44,14 +43,6 @@ class DetectionOutput(PipelineOutput):
 
     detections: list[list[dict[str, Any]] | None]
     sizes: list[tuple[int, int] | None]
-
-
-@dataclass
-class _ImageBatch(Batch):
-    """A streamed batch of images at their own sizes: ``images[j]`` (``(3, H, W)`` in [0, 1]) is input
-    ``index[j]``; ``pixels`` stays None."""
-
-    images: list[torch.Tensor]
 
 
 def _rle(mask: np.ndarray) -> dict[str, Any]:
@@ -96,29 +87,6 @@ class DetectionPipeline(Pipeline):
         model = cls.model_class.from_pretrained(path, **kwargs).to(device)
         return cls(model, None, runtime=runtime)
 
-    def stream_images(self, images: Sequence[Any], batch_size: int, on_error: str = "item") -> Iterator[_ImageBatch]:
-        """Like :meth:`Pipeline.stream`, but each image stays at its own size (no resize, no crop)."""
-        from shusheng.data import ImageLoadError, load_image
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if on_error not in ("item", "raise"):
-            raise ValueError(f"on_error must be 'item' or 'raise', got {on_error!r}")
-        for start in range(0, len(images), batch_size):
-            index, tensors, errors = [], [], []
-            for i in range(start, min(len(images), start + batch_size)):
-                try:
-                    img = load_image(images[i])
-                except ImageLoadError as e:
-                    if on_error == "raise":
-                        raise
-                    errors.append((i, str(e)))
-                    continue
-                u8 = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-                tensors.append(u8.to(device=self.device, dtype=self.dtype) / 255.0)
-                index.append(i)
-            yield _ImageBatch(index, None, errors, tensors)
-
     def __call__(self, images: Any, threshold: float = 0.5, batch_size: int = 4,
                  on_error: str = "item") -> DetectionOutput:
         """Detect objects in images.
@@ -138,7 +106,7 @@ class DetectionPipeline(Pipeline):
         n = len(images)
         out = {"detections": [None] * n, "sizes": [None] * n, **self._empty(n)}
         with torch.inference_mode():
-            for batch in self.stream_images(images, batch_size, on_error):
+            for batch in self.stream(images, batch_size, on_error, own_size=True):
                 results = self.model(batch.images) if batch.images else []
                 for i, img, res in zip(batch.index, batch.images, results):
                     out["sizes"][i] = (int(img.shape[2]), int(img.shape[1]))
