@@ -59,7 +59,7 @@ def _serve(n: int, cache: str, user: str, password: str) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    os.environ["SHUSHENG_CACHE"] = cache
+    os.environ["SHUSHENG_CACHE_DIR"] = cache
     from shusheng.apps.demo import sample_collection
     from shusheng.apps.gradio_app import build_demo, launch_demo
     from shusheng.retrieval_index import create_embedder, index_folder

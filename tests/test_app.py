@@ -465,7 +465,7 @@ def test_demo_command_generates_indexes_launches_and_is_incremental(tmp_path, mo
             return super().embed_images(images)[:, ::-1].copy()
 
     launched = []
-    monkeypatch.setenv("SHUSHENG_CACHE", os.fspath(tmp_path / "cache"))
+    monkeypatch.setenv("SHUSHENG_CACHE_DIR", os.fspath(tmp_path / "cache"))
     monkeypatch.setattr(demo_cmd, "_serve_until_stopped", lambda demo: launched.append(demo.local_url))
     monkeypatch.setitem(emb_mod._EMBEDDERS, "test-palette", lambda checkpoint=None, device=None: PaletteEmbedder())
     argv = ["demo", "--n", "4", "--port", str(_free_port()), "--no-browser", "--embedder", "test-palette"]
@@ -493,7 +493,7 @@ def test_demo_command_generates_indexes_launches_and_is_incremental(tmp_path, mo
 def test_demo_command_without_an_embedder_fails_clearly(tmp_path, monkeypatch, caplog):
     from shusheng.cli import main
 
-    monkeypatch.setenv("SHUSHENG_CACHE", os.fspath(tmp_path))
+    monkeypatch.setenv("SHUSHENG_CACHE_DIR", os.fspath(tmp_path))
     assert main(["demo", "--no-browser", "--embedder", "no-such-embedder"]) == 1
     assert "cannot load the embedder 'no-such-embedder'" in caplog.text
     assert not (tmp_path / "demo").exists()  # failed before generating anything

@@ -191,7 +191,7 @@ def _raw_call(session: httpx.Client, api_name: str, data: list) -> str:
 def test_demo_refuses_to_serve_beyond_loopback_without_a_password(tmp_path, monkeypatch, caplog):
     from shusheng.cli import main
 
-    monkeypatch.setenv("SHUSHENG_CACHE", os.fspath(tmp_path / "cache"))
+    monkeypatch.setenv("SHUSHENG_CACHE_DIR", os.fspath(tmp_path / "cache"))
     monkeypatch.delenv(safety.AUTH_ENV, raising=False)
     assert main(["demo", "--host", "0.0.0.0", "--no-browser"]) == 2
     assert "refusing to serve on 0.0.0.0 without a password" in caplog.text
@@ -375,6 +375,7 @@ def test_server_paths_urls_and_data_urls_are_not_taken_as_uploads(site):
 # ---------------------------------------------------------------------------------------------------- load
 def test_a_failing_request_does_not_affect_the_others(site):
     client, bomb = site.client, gradio_client.handle_file(os.fspath(site.files["bomb"]))
+    client.predict(os.fspath(site.allowed), api_name="/index_folder")  # an index to search (no-op if it exists)
     with ThreadPoolExecutor(6) as pool:
         bad = [pool.submit(client.predict, "", bomb, 3, -1.0, "", api_name="/search") for _ in range(3)]
         good = [pool.submit(client.predict, "green", None, 3, -1.0, "", api_name="/search") for _ in range(3)]

@@ -37,7 +37,7 @@ SCRIPT_DIRS = ("bench", "demos")  # outside the package, layer 6; scanned when p
 # package of shusheng. Keep it in step with design.md. `shusheng/__init__.py` itself is layer 1 (and stays
 # light: tests/test_import_light.py).
 LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
-    1: ("base", ("ops", "data", "_config", "_deps", "weights")),
+    1: ("base", ("ops", "data", "_config", "_deps", "_cache", "weights")),
     2: ("building blocks", ("backbone", "modeling", "text_encoders")),
     3: ("models", ("miniclip", "uniperceiver", "detection", "llm", "generation")),
     4: ("pipelines", ("pipelines", "runtimes")),

@@ -9,7 +9,7 @@ Examples::
     shusheng demo --checkpoint runs/clip/final     # another save_pretrained folder of shusheng-mini-clip
 
 First run: renders ``--n`` SynthDrive scenes (train split, seed 0, 128 px, the embedder's training resolution)
-into the cache folder ``$SHUSHENG_CACHE/demo/`` (default ``~/.cache/shusheng/demo/``) and indexes them with the
+into the cache folder ``$SHUSHENG_CACHE_DIR/demo/`` (default ``~/.cache/shusheng/demo/``) and indexes them with the
 bundled ``shusheng-mini-clip`` embedder (with ``--regions``, also the larger vehicles of each scene, from the
 scenes' ground-truth boxes, as region entries of their own, so that a query like "a red car" can return the
 car's box). Later runs find the scenes and the index as they were (indexing is
@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "else is, and '..' or symbolic links that lead out are refused)")
     folders.add_argument("--index-root", metavar="DIR",
                          help="where indexes of folders the app did not generate go (default "
-                              "$SHUSHENG_CACHE/indexes)")
+                              "$SHUSHENG_CACHE_DIR/indexes)")
     folders.add_argument("--index-in-folder", action="store_true",
                          help="index your own writable folders into FOLDER/.shusheng-index instead")
     lim = parser.add_argument_group("limits")

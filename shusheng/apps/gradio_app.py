@@ -58,7 +58,7 @@ def build_demo(index: Index | str | os.PathLike | None = None, embedder: Embedde
         tabs: the tabs, in order (default :func:`shusheng.apps.tabs.load_tabs`; the first one is the main tab).
         allow_dirs: folders the app may index and search besides the folder of ``index`` (nothing else is;
             ``..`` and symbolic links that lead out are refused).
-        index_root: where indexes of folders the app does not own go (default ``$SHUSHENG_CACHE/indexes``).
+        index_root: where indexes of folders the app does not own go (default ``$SHUSHENG_CACHE_DIR/indexes``).
         policy: a :class:`~shusheng.apps.safety.FolderPolicy` instead of ``allow_dirs``/``index_root``.
         limits: upload, time and concurrency limits (:class:`~shusheng.apps.safety.AppLimits`); pass the same
             object to :func:`launch_demo`.

@@ -8,7 +8,7 @@ writes, which uploads it decodes, and how much work one request may take.
   symbolic links that lead out are refused before anything is looked at or written). An index goes into
   ``FOLDER/.shusheng-index`` only for folders the app generated, folders that already hold one, or when asked
   (``index_in_folder``); any other folder, read-only or foreign ones included, is indexed under ``index_root``
-  (default ``$SHUSHENG_CACHE/indexes``).
+  (default ``$SHUSHENG_CACHE_DIR/indexes``).
 * **Uploads** (:func:`load_upload`): the file size is checked before anything is read and the pixel count
   before anything is decoded (:func:`shusheng.data.load_image`); decompression bombs, truncated files and
   files that are not images become one message, in every tab.
@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from shusheng._cache import cache_dir
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,11 +54,9 @@ class InsecureLaunchError(ValueError):
 
 
 def cache_root() -> Path:
-    """``$SHUSHENG_CACHE``, else ``$XDG_CACHE_HOME/shusheng``, else ``~/.cache/shusheng``."""
-    if os.environ.get("SHUSHENG_CACHE"):
-        return Path(os.environ["SHUSHENG_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "shusheng"
+    """The shusheng cache folder: ``$SHUSHENG_CACHE_DIR``, else ``$XDG_CACHE_HOME/shusheng``, else
+    ``~/.cache/shusheng`` (``shusheng._cache``)."""
+    return cache_dir()
 
 
 # ---------------------------------------------------------------------------------------------------- limits

@@ -63,12 +63,9 @@ def _build_key() -> str:
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("SHUSHENG_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "torch_extensions"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "shusheng" / "torch_extensions"
+    from shusheng._cache import cache_dir
+
+    return cache_dir() / "torch_extensions"
 
 
 def _ops_registered() -> bool:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shusheng import _cache
 from shusheng._deps import require
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt", "auto")
-CACHE_ENV = "SHUSHENG_CACHE_DIR"
+CACHE_ENV = _cache.CACHE_ENV
 SELECTION_FILE = "runtimes.json"
 #: a runtime other than torch is chosen by ``auto`` only when it takes at most this share of eager's time
 AUTO_MARGIN = 0.95
@@ -64,13 +65,8 @@ class RuntimeCheckError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where exports and runtime measurements are cached: ``$SHUSHENG_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/shusheng``, else ``~/.cache/shusheng`` (the DCNv3 CPU kernel's cache root too)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "shusheng"
+    """Where exports and runtime measurements are cached: the shusheng cache folder (``shusheng._cache``)."""
+    return _cache.cache_dir()
 
 
 def check_runtime(runtime: str) -> str:

@@ -61,7 +61,7 @@ class AppContext:
             ``index``/``folder`` and ``allow_dirs``, indexes of other folders under ``index_root``).
         allow_dirs: more folders the app may index and search (when ``policy`` is ``None``).
         index_root: where indexes of folders the app does not own go (when ``policy`` is ``None``; default
-            ``$SHUSHENG_CACHE/indexes``).
+            ``$SHUSHENG_CACHE_DIR/indexes``).
         limits: upload sizes, time limits and concurrency (:class:`~shusheng.apps.safety.AppLimits`).
         search_app: set by the Search tab: its :class:`~shusheng.apps.tabs.search.SearchApp`.
     """
