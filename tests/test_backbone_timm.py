@@ -107,3 +107,11 @@ def test_fx_feature_extraction_matches_eager():
     with torch.no_grad():
         (out,) = fx(x).values()
         assert torch.allclose(out, model(x), atol=1e-6)
+
+
+def test_eager_forward_logs_nothing_about_fx(caplog):
+    """The fx guard in the blocks must not cost eager users a log line per call."""
+    model = timm.create_model("internimage_test").eval()
+    with caplog.at_level("DEBUG"), torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert "is_fx_tracing" not in caplog.text

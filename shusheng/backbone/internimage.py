@@ -128,11 +128,16 @@ class MLPLayer(nn.Module):
         return self.drop(self.fc2(self.drop(h)))
 
 
+# torch.fx symbolic tracing in progress (newer torch: is_fx_symbolic_tracing; is_fx_tracing logs a warning there)
+_is_fx_tracing = (getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+                  or torch.fx._symbolic_trace.is_fx_tracing)
+
+
 def _inference(t: torch.Tensor) -> bool:
     """True when autograd will not need ``t`` (no grad mode, or a tensor outside the graph): in-place ops are
     then safe. Not under tracing/export (TorchScript, torch.fx, torch.compile, ONNX), which expect the functional
     graph."""
-    if torch.fx._symbolic_trace.is_fx_tracing():  # a Proxy cannot be read as a bool
+    if _is_fx_tracing():  # a Proxy cannot be read as a bool
         return False
     return not (t.requires_grad or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or torch.onnx.is_in_onnx_export())
