@@ -79,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     models = args.model or [str(bundled_path("shusheng-mini-uniperceiver")), str(bundled_path("shusheng-mini-clip"))]
     rows = []
     for folder in models:
-        from shusheng.modeling import read_config
+        from shusheng.modeling import model_class_for
 
-        kind = read_config(folder)["model_type"]
-        cls = CaptionPipeline if kind == "uniperceiver" else EmbeddingPipeline
+        cls = CaptionPipeline if model_class_for(folder) is CaptionPipeline.model_class else EmbeddingPipeline
         pipe = cls.from_pretrained(folder)
         if pipe.domain_check is None:
             print(f"{folder}: no domain_check.safetensors (run: shusheng train domain-check --model {folder})")

@@ -38,7 +38,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_NAME", "IMAGENET_MEAN", "IMAGENET_STD", "WEIGHTS_NAME", "PretrainedMixin", "Preprocess",
-           "read_config", "resolve_transform"]
+           "model_class_for", "read_config", "resolve_transform"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -140,6 +140,31 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{f} is not valid JSON ({e})") from e
 
 
+#: model_type -> family class; filled as families are imported (``PretrainedMixin.__init_subclass__``)
+_MODEL_CLASSES: dict[str, type] = {}
+
+
+def model_class_for(directory: str | os.PathLike) -> type:
+    """The family class that reads a model folder, from its ``config.json`` (older layouts included). Only the
+    families imported so far are known: import the ones you accept first.
+
+    Raises:
+        FileNotFoundError: no ``config.json``.
+        ValueError: a model type no imported family reads (the message lists the known ones).
+    """
+    raw = read_config(directory)
+    if "config" in raw and "preprocess" in raw and raw.get("model_type") in _MODEL_CLASSES:
+        return _MODEL_CLASSES[raw["model_type"]]
+    for cls in _MODEL_CLASSES.values():  # an older layout: the family that converts it reads it
+        try:
+            cls.load_config(directory)
+        except ValueError:
+            continue
+        return cls
+    kind = raw.get("model_type") or raw.get("architecture")
+    raise ValueError(f"{directory} holds a {kind!r} model; known model types: {sorted(_MODEL_CLASSES)}")
+
+
 class PretrainedMixin:
     """``save_pretrained`` / ``from_pretrained`` for an ``nn.Module`` with a ``config`` dataclass.
 
@@ -153,6 +178,11 @@ class PretrainedMixin:
     model_type: ClassVar[str] = ""
     config_class: ClassVar[type] = type(None)
     legacy_model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("model_type"):
+            _MODEL_CLASSES[cls.model_type] = cls
 
     # -- hooks ----------------------------------------------------------------------------------------------
 

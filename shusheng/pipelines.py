@@ -346,12 +346,3 @@ class Pipeline:
             out["in_domain"][i], out["domain_score"][i] = in_domain[j], scores[j]
         for i, msg in batch.errors:
             out["errors"][i] = msg
-
-
-def domain_features_array(pipeline: Pipeline, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
-    """``(N, D)`` float32 domain features of images (for fitting or measuring a check); all must load."""
-    rows = []
-    with torch.inference_mode():
-        for b in pipeline.stream(as_image_list(images), batch_size, on_error="raise"):
-            rows.append(pipeline.domain_features(b.pixels).float().cpu().numpy())
-    return np.concatenate(rows)

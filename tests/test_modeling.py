@@ -194,3 +194,32 @@ def test_bundled_folders_use_the_schema():
         cfg = read_config(bundled_path(name))
         assert {"model_type", "config", "preprocess"} <= set(cfg), name
         assert Preprocess.from_dict(cfg["preprocess"]).size == 128
+
+
+def test_model_class_for_reads_new_and_old_layouts(tmp_path):
+    from shusheng.miniclip import MiniClip
+    from shusheng.modeling import model_class_for
+    from shusheng.uniperceiver.model import UniPerceiver
+
+    new = create_model("internimage_test").save_pretrained(tmp_path / "new")
+    assert model_class_for(new) is InternImage
+    cfg = read_config(new)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({k: cfg[k] for k in ("architecture", "num_classes", "model_args",
+                                                                        "pretrained_cfg")}))
+    assert model_class_for(old) is InternImage  # not mistaken for an old mini-clip folder (both have model_args)
+    old_clip = tmp_path / "old_clip"
+    old_clip.mkdir()
+    (old_clip / "config.json").write_text(json.dumps({"model_type": "shusheng-mini-clip",
+                                                      "model_args": {"image_size": 64}}))
+    assert model_class_for(old_clip) is MiniClip
+    old_up = tmp_path / "old_up"
+    old_up.mkdir()
+    (old_up / "config.json").write_text(json.dumps({"architecture": "UniPerceiver", "config": {}}))
+    assert model_class_for(old_up) is UniPerceiver
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "spaceship", "config": {},
+                                                             "preprocess": {}}))
+    with pytest.raises(ValueError, match="known model types"):
+        model_class_for(tmp_path / "odd")

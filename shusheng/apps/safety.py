@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shusheng._cache import cache_dir
+from shusheng.retrieval_index.layout import DEFAULT_INDEX_DIRNAME
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,7 +42,6 @@ __all__ = ["AUTH_ENV", "AppLimits", "FolderPolicy", "InsecureLaunchError", "User
 
 #: Environment variable holding ``USER:PASSWORD`` for ``shusheng demo`` (used when no ``--auth``/``--auth-file``).
 AUTH_ENV = "SHUSHENG_DEMO_AUTH"
-_INDEX_DIRNAME = ".shusheng-index"  # = shusheng.retrieval_index.DEFAULT_INDEX_DIRNAME (not imported: stdlib only)
 
 
 class UserInputError(ValueError):
@@ -310,7 +310,7 @@ class FolderPolicy:
         (with ``index_in_folder``) the user's own writable folders; else ``index_root/<name>-<hash of the path>``.
         """
         root = Path(folder)
-        in_folder = root / _INDEX_DIRNAME
+        in_folder = root / DEFAULT_INDEX_DIRNAME
         if (_inside(_real(root), self.owned) and _can_write(root)) or \
                 ((in_folder / "embedder.json").is_file() and _can_write(in_folder)) or \
                 (self.index_in_folder and _can_write(root)):

@@ -766,7 +766,7 @@ class InternImage(PretrainedMixin, nn.Module):
 
     @classmethod
     def _legacy_config(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        if "model_args" not in raw:
+        if "model_args" not in raw or "model_type" in raw:  # the old InternImage layout had no model_type
             return super()._legacy_config(raw)
         pcfg = raw.get("pretrained_cfg") or {}
         return {**raw, "model_type": cls.model_type, "config": raw["model_args"],

@@ -128,7 +128,7 @@ def resolve_target(model: str | os.PathLike, size: tuple[int, int] | None = None
         ValueError: an unknown name or model type.
         FileNotFoundError: a folder without ``config.json``, or a bundled model whose weights are missing.
     """
-    from shusheng.modeling import read_config
+    from shusheng.modeling import model_class_for
 
     text = os.fspath(model)
     path = Path(text).expanduser()
@@ -137,25 +137,21 @@ def resolve_target(model: str | os.PathLike, size: tuple[int, int] | None = None
 
         path = bundled_path(text)
     if path.is_dir():
-        kind = read_config(path).get("model_type")
-        if kind == "miniclip":
-            from shusheng.miniclip import MiniClip
+        # the families shusheng export knows; model_class_for reads older folder layouts too
+        from shusheng.backbone import DenseTowerBackbone, InternImage
+        from shusheng.miniclip import MiniClip
+        from shusheng.uniperceiver.model import UniPerceiver
 
-            return _from_model(text, MiniClip.from_pretrained(path), kind, size)
-        if kind == "uniperceiver":
-            from shusheng.uniperceiver import UniPerceiver
-
-            return _from_model(text, UniPerceiver.from_pretrained(path), kind, size)
-        if kind == "internimage":
-            from shusheng.backbone import InternImage
-
-            return _from_model(text, InternImage.from_pretrained(path), kind, size)
-        if kind == "dense-tower-backbone":
-            from shusheng.backbone import DenseTowerBackbone
-
-            return _from_model(text, DenseTowerBackbone.from_pretrained(path), kind, size)
-        raise ValueError(f"{path} holds a {kind!r} model, which shusheng export does not know; known: miniclip, "
-                         "uniperceiver, internimage, dense-tower-backbone")
+        known = (MiniClip, UniPerceiver, InternImage, DenseTowerBackbone)
+        try:
+            cls = model_class_for(path)
+        except ValueError as e:
+            raise ValueError(f"{e}: shusheng export does not know it; known: "
+                             f"{', '.join(c.model_type for c in known)}") from e
+        if cls not in known:
+            raise ValueError(f"{path} holds a {cls.model_type!r} model, which shusheng export does not know; "
+                             f"known: {', '.join(c.model_type for c in known)}")
+        return _from_model(text, cls.from_pretrained(path), cls.model_type, size)
     from shusheng.backbone import is_model, list_models
 
     if is_model(text):

@@ -277,10 +277,6 @@ class MiniClip(PretrainedMixin, nn.Module):
         return Preprocess(size=c.image_size, resize="shorter_crop", interpolation=c.interpolation, mean=c.mean,
                           std=c.std, crop_pct=1.0)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict without the (frozen, separately distributed) text encoder."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
-
     def _external_keys(self) -> set[str]:
         return {k for k in self.state_dict() if k.startswith("text_encoder.")}
 
@@ -293,7 +289,7 @@ class MiniClip(PretrainedMixin, nn.Module):
 
     @classmethod
     def _legacy_config(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        if "model_args" not in raw:
+        if "model_args" not in raw or raw.get("model_type") != MODEL_NAME:
             return super()._legacy_config(raw)
         cfg = MiniClipConfig.from_any(raw["model_args"])
         pre = Preprocess(size=cfg.image_size, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)

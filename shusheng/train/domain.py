@@ -24,16 +24,15 @@ __all__ = ["add_train_arguments", "fit_and_save", "fit_domain_check", "pipeline_
 def pipeline_for(model_dir: str | Path):
     """The pipeline class that serves a model folder, from its ``model_type``."""
     from shusheng.miniclip.pipelines import EmbeddingPipeline
-    from shusheng.modeling import read_config
+    from shusheng.modeling import model_class_for
     from shusheng.uniperceiver.pipelines import CaptionPipeline
 
-    raw = read_config(model_dir)
-    kind = raw.get("model_type") or raw.get("architecture")
-    table = {"uniperceiver": CaptionPipeline, "UniPerceiver": CaptionPipeline,
-             "miniclip": EmbeddingPipeline, "shusheng-mini-clip": EmbeddingPipeline}
-    if kind not in table:
-        raise ValueError(f"{model_dir} holds a {kind!r} model; the in-domain check knows {sorted(table)}")
-    return table[kind]
+    pipelines = {p.model_class: p for p in (CaptionPipeline, EmbeddingPipeline)}
+    cls = model_class_for(model_dir)
+    if cls not in pipelines:
+        raise ValueError(f"{model_dir} holds a {cls.model_type!r} model; the in-domain check knows "
+                         f"{sorted(c.model_type for c in pipelines)}")
+    return pipelines[cls]
 
 
 def _features(pipe, seed: int, n: int, size: int, batch_size: int, desc: str):
