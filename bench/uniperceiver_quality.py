@@ -11,7 +11,14 @@ Measures, with the model's own pipelines and encoders:
 * captioning (beam search): CIDEr-D and BLEU-4 against the 5 reference captions of each image;
 * zero-shot attribute classification (time, weather, traffic light, sign) by matching class-name texts;
 * image-text retrieval with the same encoder: image->text R@1/R@5 (any of the image's 5 captions) and
-  text->image R@1/R@5 (5000 caption queries).
+  text->image R@1/R@5 (5000 caption queries);
+* the **question grid** (:mod:`shusheng.data.synthdrive_qa`): every fact asked in every form that fits it, scored
+  per ``fact x form`` cell on three splits: seen cells with training wordings, seen cells with held-out wordings,
+  and held-out cells (never trained); **form consistency** (the share of answers whose form fits the question:
+  yes/no, one of the named options, a number, a value of the fact); and the **blind baseline** (the most frequent
+  training answer of the same question, image unseen) per form. Matching uses every answer of the model; open
+  generation is scored on the first ``--grid-gen-images`` images. Written to ``uniperceiver_vqa_grid.json`` /
+  ``.md`` as well.
 
 Prints a markdown table and writes ``uniperceiver_quality.json`` / ``.md``. Default model: the bundled
 ``shusheng-mini-uniperceiver``.
@@ -91,6 +98,89 @@ def held_out_question(qa: dict, image_index: int, k: int) -> str:
     return q.format(vtype=_PLURAL.get(params.get("vehicle_type", ""), "vehicles"), color=params.get("color", ""))
 
 
+GRID_COLUMNS = [("cell", "fact / form"), ("seen", "seen cells"), ("heldout_wording", "held-out wordings"),
+                ("heldout_cell", "held-out cell"), ("blind", "blind baseline"), ("form", "form consistency"),
+                ("n", "questions")]
+GRID_SUMMARY_COLUMNS = [("metric", "metric"), ("seen", "seen cells"), ("heldout_wording", "held-out wordings"),
+                        ("heldout_cell", "held-out cells"), ("blind", "blind baseline")]
+
+
+def grid_section(model, tokens, recs, answers, ans_feats, vocab, args) -> tuple[list[dict], list[dict]]:
+    """Answer every grid question of the test images; per-cell rows and summary rows (overall, per form)."""
+    import numpy as np
+    import torch
+
+    from shusheng.data import synthdrive as sd
+    from shusheng.data import synthdrive_qa as g
+    from shusheng.uniperceiver.decoding import generate
+
+    train_attrs = [sd.sample(sd.TRAIN_SEED, i, sd.TEST_IMAGE_SIZE)[1].attributes for i in range(args.prior_train)]
+    prior = g.QuestionPrior(train_attrs)
+    items = [(i, q) for i, r in enumerate(recs) for q in g.grid_eval_questions(r["attributes"], i)]
+    preds: list[str] = []
+    bs = 4 * args.batch_size
+    for s in range(0, len(items), bs):
+        chunk = items[s:s + bs]
+        idx = torch.tensor([i for i, _ in chunk])
+        p = model.vqa_match(None, [q["question"] for _, q in chunk], image_tokens=tokens[idx],
+                            answer_features=ans_feats)
+        preds += [answers[j] for j in p.argmax(-1).tolist()]
+    gen_hits: dict[str, list[bool]] = defaultdict(list)
+    gen_form: list[bool] = []
+    gen_items = [(i, q) for i, q in items if i < args.grid_gen_images]
+    cfg = model.config
+    for s in range(0, len(gen_items), bs):
+        chunk = gen_items[s:s + bs]
+        idx = torch.tensor([i for i, _ in chunk])
+        pre = model.prefix(tokens[idx], model.tokenizer.encode([q["question"] for _, q in chunk],
+                                                               cfg.max_text_len // 2), spe_after_text=True)
+        out = generate(model, pre, 12, 1, "vqa", vocab_feats=vocab)
+        for t, (_, q) in zip(out.tokens, chunk):
+            a = model.tokenizer.decode(t)
+            gen_hits[q["split"]].append(a == q["answer"])
+            gen_form.append(g.answer_matches_form(q["type"], q["form"], q["params"], a))
+
+    acc: dict[tuple, list[bool]] = defaultdict(list)  # (cell, split) -> hits
+    blind: dict[tuple, list[bool]] = defaultdict(list)
+    form_ok: dict[str, list[bool]] = defaultdict(list)  # cell -> form consistency (every split)
+    for (_, q), a in zip(items, preds):
+        cell = f'{q["type"]} / {q["form"]}'
+        acc[(cell, q["split"])].append(a == q["answer"])
+        blind[(cell, q["split"])].append(prior(q) == q["answer"])
+        form_ok[cell].append(g.answer_matches_form(q["type"], q["form"], q["params"], a))
+    rows = []
+    for c in g.CELLS:
+        cell = f"{c.fact} / {c.form}"
+        row = {"cell": cell + (" (held out)" if c in g.HELDOUT_CELLS else "")}
+        for split in g.EVAL_SPLITS:
+            if acc.get((cell, split)):
+                row[split] = float(np.mean(acc[(cell, split)]))
+        splits = ("heldout_cell",) if c in g.HELDOUT_CELLS else ("seen", "heldout_wording")
+        row["blind"] = float(np.mean([b for sp in splits for b in blind[(cell, sp)]]))
+        row["form"] = float(np.mean(form_ok[cell]))
+        row["n"] = sum(len(acc[(cell, sp)]) for sp in g.EVAL_SPLITS)
+        rows.append(row)
+
+    def mean(split, form=None, table=acc):
+        v = [h for (cell, sp), hs in table.items() if sp == split and (form is None or cell.endswith(f"/ {form}"))
+             for h in hs]
+        return float(np.mean(v)) if v else ""
+
+    summary = [{"metric": "grid VQA accuracy (answer matching)", **{sp: mean(sp) for sp in g.EVAL_SPLITS},
+                "blind": mean("seen", table=blind)}]
+    for form in g.FORMS:
+        summary.append({"metric": f"grid VQA accuracy: {form} questions", **{sp: mean(sp, form) for sp in g.EVAL_SPLITS},
+                        "blind": mean("seen", form, table=blind)})
+    held_blind = mean("heldout_cell", table=blind)
+    summary.append({"metric": "grid blind baseline on held-out cells", "heldout_cell": held_blind})
+    summary.append({"metric": "grid form consistency (answer matching, all splits)",
+                    "seen": float(np.mean([x for v in form_ok.values() for x in v]))})
+    summary.append({"metric": f"grid VQA accuracy (open generation, {args.grid_gen_images} images)",
+                    **{sp: float(np.mean(gen_hits[sp])) for sp in g.EVAL_SPLITS if gen_hits[sp]}})
+    summary.append({"metric": "grid form consistency (open generation)", "seen": float(np.mean(gen_form))})
+    return rows, summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: bundled shusheng-mini-uniperceiver)")
@@ -100,6 +190,11 @@ def main(argv=None) -> int:
     parser.add_argument("--beams", type=int, default=1, help="caption beam width (1 = greedy)")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest generated caption in tokens")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--prior-train", type=int, default=3000,
+                        help="SynthDrive train scenes (seed 0) the blind baseline counts answers on")
+    parser.add_argument("--grid-gen-images", type=int, default=100,
+                        help="images whose grid questions are also answered by open generation")
+    parser.add_argument("--no-grid", action="store_true", help="skip the question grid")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     reexec_with_bench_env()
@@ -223,6 +318,13 @@ def main(argv=None) -> int:
                                           f"{np.mean([float(v[4]) for v in i2t]):.3f}"})
         rows.append({"metric": "retrieval text->image R@1 / R@5",
                      "template wordings": f"{t2i[:, 0].mean():.3f} / {t2i[:, 4].mean():.3f}"})
+
+        # 7. the question grid
+        if not args.no_grid:
+            grid_rows, summary = grid_section(model, tokens, recs, answers, ans_feats, vocab, args)
+            write_results("uniperceiver_vqa_grid", grid_rows, GRID_COLUMNS, args.out, meta)
+            print(write_results("uniperceiver_vqa_grid_summary", summary, GRID_SUMMARY_COLUMNS, args.out, meta))
+            print()
 
     meta["seconds"] = round(time.time() - t0, 1)
     meta["example_captions"] = list(zip([r["captions"][0] for r in recs[:5]], caps[:5]))

@@ -17,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH="torch==2.14.1 torchvision==0.29.1"  # the only torch that works here: installed first, see README
-EXTRAS="dev,backbone,onnx,triton,data,train,retrieval,apps"
+EXTRAS="dev,backbone,onnx,triton,data,video,train,retrieval,apps"
 STAMP="$VENV/.shusheng-setup"
 START=${EPOCHREALTIME:-0}
 

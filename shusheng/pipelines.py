@@ -63,13 +63,15 @@ def as_image_list(images: Any) -> list:
 @dataclass
 class Batch:
     """One streamed batch: ``pixels[j]`` is input ``index[j]``; ``errors`` holds ``(input index, message)`` of
-    the inputs of this stretch that could not be loaded. With ``stream(..., own_size=True)`` the images are the
-    list ``images`` of ``(3, H_j, W_j)`` tensors in [0, 1] instead."""
+    the inputs of this stretch that could not be loaded; ``sizes[j]`` is the ``(width, height)`` of input
+    ``index[j]`` as loaded (before the transform). With ``stream(..., own_size=True)`` the images are the list
+    ``images`` of ``(3, H_j, W_j)`` tensors in [0, 1] instead."""
 
     index: list[int]
     pixels: torch.Tensor | None
     errors: list[tuple[int, str]]
     images: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _to_unit_tensor(img: Any) -> torch.Tensor:
@@ -299,7 +301,7 @@ class Pipeline:
         if on_error not in ("item", "raise"):
             raise ValueError(f"on_error must be 'item' or 'raise', got {on_error!r}")
         for start in range(0, len(images), batch_size):
-            index, tensors, errors = [], [], []
+            index, tensors, errors, sizes = [], [], [], []
             for i in range(start, min(len(images), start + batch_size)):
                 try:
                     img = load_image(images[i])
@@ -310,11 +312,12 @@ class Pipeline:
                     continue
                 tensors.append(_to_unit_tensor(img) if own_size else self.transform(img))
                 index.append(i)
+                sizes.append(img.size)
             if own_size:
-                yield Batch(index, None, errors, [t.to(device=self.device, dtype=self.dtype) for t in tensors])
+                yield Batch(index, None, errors, [t.to(device=self.device, dtype=self.dtype) for t in tensors], sizes)
                 continue
             pixels = torch.stack(tensors).to(device=self.device, dtype=self.dtype) if tensors else None
-            yield Batch(index, pixels, errors)
+            yield Batch(index, pixels, errors, sizes=sizes)
 
     # -- in-domain check ------------------------------------------------------------------------------------
 

@@ -521,3 +521,32 @@ def test_caption_vqa_tab_with_the_bundled_model_warns_on_a_photograph():
     assert "answer is unreliable" in caption_tab.answer_with_notice(vqa, photo, "Is it raining?")[2]
     text, notice = caption_tab.caption_with_notice(cap, b"not an image")
     assert text.startswith("This image cannot be used") and notice == ""
+
+
+def test_driving_checklist_button_shows_answers_with_their_boxes():
+    """The real bundled decoder: six frame questions answered in their own answer sets, evidence boxes inside the
+    image, a notice for a photograph, a message for an image the pipeline cannot use."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from shusheng.data import TEST_SEED, load_image, sample
+    from shusheng.uniperceiver.pipelines import VQAPipeline
+    from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
+    from shusheng.weights import BundledWeightsNotFound
+
+    try:
+        vqa = VQAPipeline.from_pretrained()
+    except BundledWeightsNotFound:
+        pytest.skip("bundled shusheng-mini-uniperceiver not present")
+    check = DrivingChecklist(vqa)
+    scene = sample(TEST_SEED, 3, 128)[0]
+    rows, annotated, notice = caption_tab.checklist_with_notice(check, scene)
+    assert [r[0] for r in rows] == [q.question for q in check.frame_questions] and notice == ""
+    for (_, answer, score, _), q in zip(rows, check.frame_questions):
+        assert answer in q.answers and 0.0 <= score <= 1.0
+    img, boxes = annotated
+    assert img is scene and boxes
+    for (x0, y0, x1, y1), label in boxes:
+        assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 128 and ": " in label
+    photo = load_image(os.path.join(os.path.dirname(skimage_data.__file__), "astronaut.png"))
+    assert "checklist is unreliable" in caption_tab.checklist_with_notice(check, photo)[2]
+    rows, annotated, notice = caption_tab.checklist_with_notice(check, b"not an image")
+    assert rows[0][0].startswith("This image cannot be used") and annotated is None

@@ -131,6 +131,49 @@ def components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
     return out
 
 
+#: object groups of the SynthDrive dense labels, as ``[start, stop)`` label ranges (crosswalk stripes are a
+#: surface, not an object box)
+DENSE_OBJECT_GROUPS: dict[str, tuple[int, int]] = {"vehicle": (0, 24), "person": (24, 26), "traffic light": (26, 29),
+                                                    "sign": (29, 34)}
+
+
+def dense_boxes(prob: np.ndarray, size: tuple[int, int], labels: Sequence[str], threshold: float = 0.5,
+                min_cells: int = 1, groups: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+    """Labelled object boxes from one image's dense-head probabilities.
+
+    Per object group, cells whose best label probability is at least ``threshold`` are joined into 4-connected
+    components; each component becomes one box (its cells' extent mapped to image pixels) labelled with the
+    group's label of highest summed probability over the component.
+
+    Args:
+        prob: ``(L, gh, gw)`` label probabilities (sigmoid of the dense head).
+        size: ``(width, height)`` of the image the boxes are reported in.
+        labels: the ``L`` label names.
+        threshold, min_cells: cell threshold and smallest component kept.
+        groups: ``{group: (start, stop)}`` label ranges (default :data:`DENSE_OBJECT_GROUPS`).
+
+    Returns:
+        ``[{"box": [x, y, w, h], "label", "score"}]``, best score first.
+    """
+    w, h = size
+    gh, gw = prob.shape[1:]
+    sx, sy = w / gw, h / gh  # image pixels per cell
+    found = []
+    for a, b in (groups or DENSE_OBJECT_GROUPS).values():
+        group = prob[a:b]
+        best = group.max(0)
+        for cells in components(best >= threshold):
+            if len(cells) < min_cells:
+                continue
+            ys, xs = zip(*cells)
+            label = a + int(np.sum([group[:, y, x] for y, x in cells], axis=0).argmax())
+            x0, y0 = int(np.floor(min(xs) * sx)), int(np.floor(min(ys) * sy))
+            x1, y1 = int(np.ceil((max(xs) + 1) * sx)), int(np.ceil((max(ys) + 1) * sy))
+            found.append({"box": [x0, y0, min(x1, w) - x0, min(y1, h) - y0], "label": labels[label],
+                          "score": float(max(best[y, x] for y, x in cells))})
+    return sorted(found, key=lambda d: -d["score"])
+
+
 def count_components(mask: torch.Tensor) -> torch.Tensor:
     """Number of 4-connected components of each boolean map: ``(..., H, W)`` -> ``(...)`` int64.
 

@@ -61,7 +61,11 @@ def synthdrive_answers() -> list[str]:
     out += [str(i) for i in range(6)] + ["yes", "no", "crosswalk", "sidewalk", "both", *WEATHERS, *TIMES]
     for k in range(1, 6):
         out += [", ".join(c) for c in itertools.combinations(colors, k)]
-    return list(dict.fromkeys(out))
+    from shusheng.data.synthdrive_qa import (
+        grid_answers,  # the question grid's answers come after the older ones
+    )
+
+    return list(dict.fromkeys(out + grid_answers()))
 
 
 def attribute_targets(a: dict[str, Any]) -> list[float]:

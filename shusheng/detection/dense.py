@@ -7,16 +7,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from shusheng.backbone.dense_tower import components
+from shusheng.backbone.dense_tower import dense_boxes
 
 if TYPE_CHECKING:
     from shusheng.miniclip import MiniClip
 
 __all__ = ["DenseObjectDetector"]
-
-
-#: object groups the detector reports (crosswalk stripes are a surface, not an object box)
-_DETECT_GROUPS = {"vehicle": (0, 24), "person": (24, 26), "traffic light": (26, 29), "sign": (29, 34)}
 
 
 class DenseObjectDetector:
@@ -78,22 +74,7 @@ class DenseObjectDetector:
         finally:
             self.model.train(was_training)
         prob = torch.sigmoid(dense[0].float()).cpu().numpy()  # (L, gh, gw)
-        gh, gw = prob.shape[1:]
-        sx, sy = w / gw, h / gh  # image pixels per cell
-        found = []
-        for a, b in _DETECT_GROUPS.values():
-            group = prob[a:b]
-            best = group.max(0)
-            for cells in components(best >= self.threshold):
-                if len(cells) < self.min_cells:
-                    continue
-                ys, xs = zip(*cells)
-                label = a + int(np.sum([group[:, y, x] for y, x in cells], axis=0).argmax())
-                x0, y0 = int(np.floor(min(xs) * sx)), int(np.floor(min(ys) * sy))
-                x1, y1 = int(np.ceil((max(xs) + 1) * sx)), int(np.ceil((max(ys) + 1) * sy))
-                found.append({"box": [x0, y0, min(x1, w) - x0, min(y1, h) - y0], "label": self.labels[label],
-                              "score": float(max(best[y, x] for y, x in cells))})
-        return sorted(found, key=lambda d: -d["score"])
+        return dense_boxes(prob, (w, h), self.labels, self.threshold, self.min_cells)
 
     def __call__(self, image: Any) -> list[list[int]]:
         """Boxes ``[[x, y, w, h], ...]`` only (the :class:`~shusheng.detection.Detector` protocol)."""

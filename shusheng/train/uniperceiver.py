@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from shusheng._deps import require
+from shusheng.data.synthdrive_qa import TRAIN_CELLS, grid_questions
 from shusheng.data.synthdrive_queries import (
     ATTRIBUTE_CLASSES,
     TAG_GROUPS,
@@ -81,6 +82,10 @@ class UniPerceiverTrainConfig:
     steps: int = 600
     batch_size: int = 32
     vqa_per_image: int = 2
+    # where questions come from: "annotations" (each image's stored SynthDrive questions, one form per fact) or
+    # "grid" (drawn per step from the question grid of shusheng.data.synthdrive_qa: every fact in every form that
+    # fits it, training wordings and training cells only; the held-out cells and wordings are never drawn)
+    qa: str = "annotations"
     lr: float = 1e-3  # image tower and new parameters
     text_lr: float = 2e-4  # parameters initialised from MiniLM
     min_lr_ratio: float = 0.05
@@ -183,12 +188,17 @@ class StepSampler:
             full = np.random.default_rng([cfg.seed, 2_000_003, step]).random(len(recs)) < cfg.caption_full_p
             captions = [r["captions"][0] if f else c for r, c, f in zip(recs, captions, full)]
         retrieval = [r["captions"][int(rng.integers(len(r["captions"])))] for r in recs]
-        questions, answers = [], []
+        questions, answers, cells = [], [], []
+        qrng = np.random.default_rng([cfg.seed, 3_000_003, step])  # own stream: "annotations" runs are unchanged
         for r in recs:
-            pick = rng.choice(len(r["qa"]), size=min(cfg.vqa_per_image, len(r["qa"])), replace=False)
-            qs = [r["qa"][int(j)] for j in pick]
+            if cfg.qa == "grid":
+                qs = grid_questions(r["attributes"], qrng, "train", TRAIN_CELLS, k=cfg.vqa_per_image)
+            else:
+                pick = rng.choice(len(r["qa"]), size=min(cfg.vqa_per_image, len(r["qa"])), replace=False)
+                qs = [r["qa"][int(j)] for j in pick]
             questions.append([self._drop(q["question"], rng) for q in qs])
             answers.append([q["answer"] for q in qs])
+            cells.append([f'{q["type"]}/{q.get("form", "open")}' for q in qs])
         labels: dict[str, list[int]] = {g: [] for g in ATTRIBUTE_CLASSES}
         for r in recs:
             for g, y in attribute_labels(r["attributes"]).items():
@@ -200,7 +210,7 @@ class StepSampler:
             extra = rng.choice(len(rest), size=max(0, cfg.answer_pool - len(need)), replace=False)
             pool = need + [rest[int(j)] for j in sorted(extra)]
         return {"index": torch.from_numpy(idx), "flip": flip, "records": recs, "images": x, "captions": captions, "retrieval_texts": retrieval, "questions": questions,
-                "answers": answers, "labels": labels, "answer_candidates": pool}
+                "answers": answers, "question_cells": cells, "labels": labels, "answer_candidates": pool}
 
     def _drop(self, question: str, rng: np.random.Generator) -> str:
         if self.cfg.question_drop <= 0:
@@ -220,7 +230,7 @@ def build_model(cfg: UniPerceiverTrainConfig, records: list[dict[str, Any]]):
 
     tok = TextTokenizer()
     answers = synthdrive_answers()
-    seen = {q["answer"] for r in records for q in r["qa"]}
+    seen = {q["answer"] for r in records for q in r.get("qa", ())}
     answers += sorted(seen - set(answers))
     texts = [c for r in records for c in r["captions"]] + answers
     vocab = sorted({i for ids in tok.encode(texts) for i in ids} | {tok.eos_id})
@@ -305,13 +315,23 @@ def _tower_losses(model: TowerTagger, batch: dict[str, Any]) -> dict[str, torch.
 
 
 def load_tower(model, tower_dir: str | Path) -> None:
-    """Copy the backbone of a finished "tower" run into ``model.image.backbone`` (exact shapes required)."""
+    """Copy a frozen image tower into ``model.image.backbone`` (exact shapes required): the backbone of a finished
+    "tower" run (``<dir>/final/backbone.safetensors``) or of a saved UniPerceiver folder (its ``backbone/``
+    component, e.g. the bundled model's)."""
     from safetensors.torch import load_file
 
-    f = Path(tower_dir) / "final" / "backbone.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} not found: run the 'tower' stage first (--stage tower --output {tower_dir})")
-    model.image.backbone.load_state_dict(load_file(str(f)))
+    d = Path(tower_dir)
+    f = d / "final" / "backbone.safetensors"
+    component = d / "backbone" / "model.safetensors"
+    if f.is_file():
+        sd = load_file(str(f))
+    elif component.is_file():
+        sd = load_file(str(component))
+    else:
+        raise FileNotFoundError(f"{f} not found (nor a model folder's {component}): run the 'tower' stage first "
+                                f"(--stage tower --output {tower_dir}) or pass a saved UniPerceiver folder")
+    own = model.image.backbone.state_dict()
+    model.image.backbone.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()})
 
 
 def init_from(model, directory: str | Path) -> None:
@@ -325,7 +345,15 @@ def init_from(model, directory: str | Path) -> None:
         raise FileNotFoundError(f"init: {d} is not a UniPerceiver folder (model.safetensors + config.json)")
     theirs = json.loads(cfg_file.read_text()).get("config", {})
     for key in ("target_vocab", "answers", "class_names", "d_model", "n_layers", "image_grid"):
-        if key in theirs and theirs[key] != json.loads(json.dumps(getattr(model.config, key))):
+        ours = json.loads(json.dumps(getattr(model.config, key)))
+        if key in ("target_vocab", "answers") and key in theirs:
+            # no parameter depends on these lists (answers are encoded texts; "shallow" vocabulary targets are
+            # the frozen word embeddings): a run may grow them, never drop what the folder had
+            if not set(theirs[key]) <= set(ours):
+                raise ValueError(f"init: {d} has {key} that this run lacks: {sorted(set(theirs[key]) - set(ours))[:6]}")
+            if key == "target_vocab" and model.config.vocab_targets != "shallow" and theirs[key] != ours:
+                raise ValueError(f"init: {d} has a different {key} than this run; it cannot start it")
+        elif key in theirs and theirs[key] != ours:
             raise ValueError(f"init: {d} has a different {key} than this run; it cannot start it")
     sd = {k: v for k, v in load_file(str(f)).items() if not k.startswith("image.backbone.")}
     own = model.state_dict()
@@ -364,6 +392,8 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
 
     if cfg.stage not in ("joint", "tower", "decoder"):
         raise ValueError(f"stage must be 'joint', 'tower' or 'decoder', got {cfg.stage!r}")
+    if cfg.qa not in ("annotations", "grid"):
+        raise ValueError(f"qa must be 'annotations' or 'grid', got {cfg.qa!r}")
     if cfg.stage == "decoder" and not cfg.tower:
         raise ValueError("stage 'decoder' needs --tower (the output folder of a 'tower' run)")
     out = Path(cfg.output)

@@ -15,8 +15,13 @@ on demand.
 
 Uploads reach the tab as file paths and are decoded by the app's image loader within the app's limits
 (:func:`shusheng.apps.tabs.upload_error`): a decompression bomb, a truncated file or a file that is not an image
-gets a message in the Caption or Answer box. Event API names: ``/caption``, ``/ask`` (and ``/pick_sample``, the
-sample gallery's click, undocumented).
+gets a message in the Caption or Answer box. Event API names: ``/caption``, ``/ask``, ``/checklist`` (and
+``/pick_sample``, the sample gallery's click, undocumented).
+
+The **Driving checklist** button asks the image the default driving question set
+(:class:`~shusheng.uniperceiver.pipelines.driving.DrivingChecklist`: traffic light, whether to stop, people on the
+crosswalk, speed limit, vehicle count, nearest vehicle) and shows each answer with its score and the evidence
+boxes drawn on the image.
 """
 
 import math
@@ -26,7 +31,7 @@ from typing import Any  # no postponed annotations here: Gradio reads the event-
 from shusheng.apps.tabs import AppContext, TabUnavailable, image_input, import_gradio, upload_error
 
 __all__ = ["TAB", "CaptionVQATab", "answer_question", "answer_with_notice", "caption_and_vqa_tab", "caption_image",
-           "caption_with_notice", "domain_notice", "sample_images"]
+           "caption_with_notice", "checklist_with_notice", "domain_notice", "sample_images"]
 
 #: The bundled model the app's tab runs (= ``shusheng.uniperceiver.pipelines.BUNDLED_MODEL``; not imported here:
 #: that module imports torch).
@@ -99,8 +104,28 @@ def answer_question(pipeline_vqa, image, question: str, mode: str = "match") -> 
     return line, table
 
 
+def checklist_with_notice(checklist, image) -> tuple[list[list[Any]], Any, str]:
+    """``(table rows [question, answer, score, evidence], (image, [(box, label)]) for gr.AnnotatedImage, notice)``
+    for the driving checklist on one image; a message row (and no boxes) when there is no image or it fails."""
+    if image is None:
+        return [["Upload or pick an image first.", "", "", ""]], None, ""
+    out = checklist([image])
+    error = _item_error(out)
+    if error:
+        return [[error, "", "", ""]], None, ""
+    rows, boxes = [], []
+    for q in checklist.frame_questions:
+        r = out.results[0][q.id]
+        labels = ", ".join(b["label"] for b in r["evidence"]) or "-"
+        rows.append([q.question, r["answer"], round(r["score"], 3), labels])
+        for b in r["evidence"]:
+            x, y, w, h = b["box"]
+            boxes.append(((x, y, x + w, y + h), f"{q.id}: {b['label']}"))
+    return rows, (image, boxes), domain_notice(out, 0, "checklist")
+
+
 def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | None = None,
-                        ctx: AppContext | None = None):
+                        ctx: AppContext | None = None, checklist=None):
     """Build the tab's components inside the current ``gr.Blocks`` and wire them to the pipelines.
 
     Args:
@@ -108,6 +133,8 @@ def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | Non
         pipeline_vqa: a :class:`~shusheng.uniperceiver.pipelines.VQAPipeline`.
         samples: images offered as examples (default: 6 SynthDrive test scenes).
         ctx: the app context (its upload and time limits; default :class:`AppContext`'s).
+        checklist: a :class:`~shusheng.uniperceiver.pipelines.driving.DrivingChecklist` for the "Driving
+            checklist" button (no button without one).
 
     Returns:
         The ``gr.Tab``.
@@ -134,6 +161,15 @@ def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | Non
                 answer_notice = gr.Markdown("", elem_id="answer-notice")
                 alternatives = gr.Dataframe(headers=["answer", "probability"], label="Top answers",
                                             interactive=False)
+        if checklist is not None:
+            with gr.Row():
+                with gr.Column():
+                    check_btn = gr.Button("Driving checklist", elem_id="checklist-button")
+                    check_table = gr.Dataframe(headers=["question", "answer", "score", "evidence"],
+                                               label="Checklist", interactive=False, elem_id="checklist")
+                    check_notice = gr.Markdown("", elem_id="checklist-notice")
+                with gr.Column():
+                    check_boxes = gr.AnnotatedImage(label="Evidence", height=320, elem_id="checklist-evidence")
 
         def pick(evt: gr.SelectData):
             return samples[evt.index]
@@ -154,6 +190,16 @@ def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | Non
             with model_lock:
                 return answer_with_notice(pipeline_vqa, im, q, m)
 
+        def checklist_upload(im):
+            im, error = upload_error(im, ctx.limits)
+            if error:
+                return [[error, "", "", ""]], None, ""
+            with model_lock:
+                return checklist_with_notice(checklist, im)
+
+        def do_checklist(im):
+            return ctx.run(gr, "Driving checklist", checklist_upload, im)
+
         def do_caption(im, b):
             return ctx.run(gr, "Caption", caption_upload, im, b)
 
@@ -165,6 +211,9 @@ def caption_and_vqa_tab(pipeline_caption, pipeline_vqa, samples: list[Any] | Non
                           concurrency_id="requests")
         gr.on([ask_btn.click, question.submit], ask, [image, question, mode], [answer, alternatives, answer_notice],
               api_name="ask", concurrency_id="requests")
+        if checklist is not None:
+            check_btn.click(do_checklist, [image], [check_table, check_boxes, check_notice], api_name="checklist",
+                            concurrency_id="requests")
     return tab
 
 
@@ -210,7 +259,10 @@ class CaptionVQATab:
             raise TabUnavailable(f"The captioning model cannot be loaded: {e}") from e
         except FileNotFoundError as e:  # weights missing or incomplete
             raise TabUnavailable(self._missing(str(e))) from e
-        caption_and_vqa_tab(captioner, VQAPipeline(captioner.model), ctx=ctx)
+        from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
+
+        vqa = VQAPipeline(captioner.model, captioner.domain_check)
+        caption_and_vqa_tab(captioner, vqa, ctx=ctx, checklist=DrivingChecklist(vqa))
 
     @staticmethod
     def _missing(detail: str) -> str:

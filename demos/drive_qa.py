@@ -1,0 +1,176 @@
+"""Driving-scene QA over images, folders and dash-cam videos: one JSON line per (frame, question).
+
+    shusheng data synthdrive --sequence --n 2 --frames 48 --fps 8 --split val --out /tmp/drives
+    python demos/drive_qa.py /tmp/drives --out /tmp/results.jsonl --every 2
+    python demos/drive_qa.py /tmp/drives --out /tmp/results.jsonl --every 2 --resume   # skips what is done
+    python demos/score_drive_qa.py /tmp/results.jsonl --truth /tmp/drives
+
+SOURCE is an image, a video (.mp4, .mov, ...) or a folder of them (searched recursively, in sorted order). Every
+frame (every ``--every``-th of a video) is asked the question set (default: the driving checklist, see
+``demos/questions/driving.json``); temporal questions ("did the light change in the last second?") are answered
+from the frames of a video only. Each line:
+
+    {"source", "frame": {"index", "time_s"}, "question_id", "question", "answer", "score",
+     "evidence": [{"box": [x, y, w, h], "label", "score"}], "in_domain", "domain_score"}
+
+A frame that cannot be read gets one line per question with ``"answer": null`` and its ``"error"``. Lines are
+flushed one by one, so a crash loses at most the line being written; ``--resume`` reads the file back (dropping a
+torn last line), restores each video's window of recent answers and goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from shusheng.data import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+
+def expand_sources(sources: list[str]) -> list[Path]:
+    """Images and videos named or found under the given folders, in a stable order."""
+    out = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*IMAGE_EXTENSIONS,
+                                                                                             *VIDEO_EXTENSIONS))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise SystemExit(f"error: {s} does not exist")
+    if not out:
+        raise SystemExit(f"error: no images or videos found in {', '.join(sources)}")
+    return out
+
+
+def read_done(path: Path) -> list[dict]:
+    """The complete lines of an earlier run; a torn last line is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def _none_if_nan(x):
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sources", nargs="+", metavar="SOURCE", help="images, videos or folders")
+    ap.add_argument("--out", required=True, help="JSON-lines output file")
+    ap.add_argument("--questions", default=None, help="question set (JSON); default: the driving checklist")
+    ap.add_argument("--answerer", default="uniperceiver", choices=["uniperceiver"],
+                    help="who answers (the LLM bridge joins when it lands)")
+    ap.add_argument("--model", default=None, help="decoder folder (default: the bundled shusheng-mini-uniperceiver)")
+    ap.add_argument("--every", type=int, default=1, help="use every K-th frame of a video")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--resume", action="store_true", help="continue an earlier run writing to --out")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.every < 1:
+        ap.error("--every must be >= 1")
+    out_path = Path(args.out)
+    if out_path.exists() and out_path.stat().st_size and not args.resume:
+        ap.error(f"{out_path} exists: pass --resume to continue it, or choose another --out")
+    sources = expand_sources(args.sources)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from shusheng.data import iter_video_frames
+    from shusheng.uniperceiver.pipelines.driving import DrivingChecklist, load_checklist
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions = load_checklist(args.questions)
+    checklist = DrivingChecklist.from_pretrained(args.model, args.questions)
+    done_lines = read_done(out_path) if args.resume else []
+    done = {(r["source"], r["frame"]["index"], r["question_id"]) for r in done_lines}
+    n_questions = len(questions)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(desc="frames", unit="frame")
+    written = 0
+    with open(out_path, "a", encoding="utf-8") as out:
+
+        def emit(source: str, frame: dict, result: dict | None, in_domain, score, error: str | None) -> None:
+            nonlocal written
+            for q in questions:
+                if (source, frame["index"], q.id) in done:
+                    continue
+                r = (result or {}).get(q.id)
+                if result is not None and r is None:
+                    continue  # a temporal question without a video: not asked
+                rec = {"source": source, "frame": frame, "question_id": q.id, "question": q.question,
+                       "answer": r["answer"] if r else None, "score": round(r["score"], 4) if r else None,
+                       "evidence": r["evidence"] if r else [], "in_domain": in_domain,
+                       "domain_score": _none_if_nan(score)}
+                if error is not None:
+                    rec["error"] = error
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+                written += 1
+
+        for src in sources:
+            name = str(src)
+            if src.suffix.lower() in VIDEO_EXTENSIONS:
+                window = checklist.window()
+                # restore the window from the lines already written for this video
+                prev = {}
+                for r in done_lines:
+                    if r["source"] == name and r.get("answer") is not None:
+                        prev.setdefault((r["frame"]["index"], r["frame"]["time_s"]), {})[r["question_id"]] = {
+                            "answer": r["answer"], "score": r["score"] or 0.0, "evidence": r["evidence"]}
+                frame_ids = {q.id for q in checklist.frame_questions}
+                last_done = -1
+                for (idx, t), answers in sorted(prev.items()):
+                    if all((name, idx, q.id) in done for q in questions):  # only the last frame can be partial
+                        window.push(t, {k: v for k, v in answers.items() if k in frame_ids})
+                        last_done = idx
+                try:
+                    frames = iter_video_frames(src, every=args.every)
+                    batch = []
+                    for idx, t, img in frames:
+                        if idx <= last_done:
+                            continue
+                        batch.append((idx, t, img))
+                        if len(batch) == args.batch_size:
+                            _run_batch(checklist, batch, window, name, emit)
+                            bar.update(len(batch))
+                            batch = []
+                    if batch:
+                        _run_batch(checklist, batch, window, name, emit)
+                        bar.update(len(batch))
+                except (ValueError, OSError) as e:  # an unreadable video: one error line set, then go on
+                    emit(name, {"index": 0, "time_s": None}, None, None, float("nan"), str(e))
+            else:
+                if all((name, 0, q.id) in done for q in questions if not q.is_temporal):
+                    continue
+                res = checklist([src], batch_size=1)
+                err = res.errors[0]
+                emit(name, {"index": 0, "time_s": None}, res.results[0], res.in_domain[0], res.domain_score[0], err)
+                bar.update(1)
+        os.fsync(out.fileno())
+    bar.close()
+    print(f"{written} lines written to {out_path} ({len(sources)} sources, {n_questions} questions)", file=sys.stderr)
+    return 0
+
+
+def _run_batch(checklist, batch, window, name, emit) -> None:
+    res = checklist([img for _, _, img in batch], times=[t for _, t, _ in batch], window=window)
+    for j, (idx, t, _) in enumerate(batch):
+        emit(name, {"index": idx, "time_s": round(t, 4)}, res.results[j], res.in_domain[j], res.domain_score[j],
+             res.errors[j])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""The driving checklist: a fixed set of questions asked of every frame, each answer with its evidence boxes.
+
+    >>> from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
+    >>> check = DrivingChecklist.from_pretrained()              # bundled decoder + the default question set
+    >>> out = check(["frame0.png", "frame1.png"], times=[0.0, 0.125])
+    >>> out.results[1]["stop"]                                  # {"answer", "score", "evidence": [...]}
+
+A question set is JSON (:func:`load_checklist`; the default is ``driving_questions.json`` next to this module,
+also shipped as ``demos/questions/driving.json``). Each question has an ``id``, the ``question`` text, its closed
+``answers`` (the decoder picks among them, so every answer has the form the question asks for), the dense labels
+that count as ``evidence`` and, optionally, a ``truth`` (how :mod:`shusheng.data.synthdrive_qa` derives the right
+answer from SynthDrive attributes; used by scoring, never by answering).
+
+**Frame questions** are answered by the decoder by matching (:class:`VQAPipeline`). Their evidence is the
+objects the image tower's dense head finds (the same head the decoder's image tokens summarise) whose label is
+in the question's ``evidence`` list; when some of them agree with the answer (``light red`` for ``red``), only
+those are given. ``"evidence_rule": "nearest"`` keeps the vehicle box lowest in the frame.
+
+**Temporal questions** (``"temporal": {"rule", "of", "window_s"}``) are answered from the answers to another
+question over the frames of the last ``window_s`` seconds, which must come with ``times``:
+
+* ``changed``: ``yes`` when the answer to ``of`` at this frame differs from its answer at some frame of the window
+  (answers listed in ``ignore``, e.g. "none" for no light in view, take part in no comparison);
+* ``entered``: ``yes`` when ``of`` is answered ``yes`` now and ``no`` at some frame of the window.
+
+Their score is the lowest score among the answers the rule compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shusheng.pipelines import PipelineOutput, as_image_list
+from shusheng.uniperceiver.pipelines import VQAPipeline
+
+__all__ = ["DEFAULT_CHECKLIST", "RECORD_FIELDS", "ChecklistOutput", "ChecklistQuestion", "DrivingChecklist",
+           "TemporalWindow", "load_checklist", "validate_record"]
+
+DEFAULT_CHECKLIST = Path(__file__).with_name("driving_questions.json")
+_RULES = ("changed", "entered")
+
+
+def _answer_set(name: str) -> list[str]:
+    """Named answer sets a question file may use instead of a list."""
+    from shusheng.data.synthdrive_render import COLORS, VEHICLE_TYPES
+
+    if name == "nearest_vehicle":
+        return [f"{c} {t}" for c in sorted(COLORS) for t in VEHICLE_TYPES] + ["none"]
+    raise ValueError(f"unknown answer set {name!r}; give a list of answers or 'nearest_vehicle'")
+
+
+@dataclass(frozen=True)
+class ChecklistQuestion:
+    """One question of a checklist (see the module docstring for the fields)."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    evidence: tuple[str, ...] = ()
+    evidence_rule: str = "all"
+    temporal: dict[str, Any] | None = None
+    truth: dict[str, Any] | None = None
+    numeric: bool = False
+
+    @property
+    def is_temporal(self) -> bool:
+        return self.temporal is not None
+
+
+def load_checklist(path: str | Path | None = None) -> list[ChecklistQuestion]:
+    """Read and check a question set (default :data:`DEFAULT_CHECKLIST`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not valid JSON or a question is malformed (with the question's id).
+    """
+    path = Path(path) if path is not None else DEFAULT_CHECKLIST
+    if not path.is_file():
+        raise FileNotFoundError(f"question set {path} not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    items = raw.get("questions") if isinstance(raw, dict) else raw
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a list of questions (or {{'questions': [...]}})")
+    out: list[ChecklistQuestion] = []
+    for k, q in enumerate(items):
+        where = f"{path}: question {q.get('id', k) if isinstance(q, dict) else k}"
+        if not isinstance(q, dict) or not isinstance(q.get("id"), str) or not isinstance(q.get("question"), str):
+            raise ValueError(f"{where}: needs string 'id' and 'question'")
+        if not q["question"].strip():
+            raise ValueError(f"{where}: the question is empty")
+        answers = q.get("answers")
+        answers = _answer_set(answers) if isinstance(answers, str) else answers
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+            raise ValueError(f"{where}: 'answers' must be a non-empty list of strings")
+        temporal = q.get("temporal")
+        if temporal is not None:
+            if temporal.get("rule") not in _RULES:
+                raise ValueError(f"{where}: temporal rule must be one of {_RULES}, got {temporal.get('rule')!r}")
+            if float(temporal.get("window_s", 0)) <= 0:
+                raise ValueError(f"{where}: temporal window_s must be > 0")
+        rule = q.get("evidence_rule", "all")
+        if rule not in ("all", "nearest"):
+            raise ValueError(f"{where}: evidence_rule must be 'all' or 'nearest', got {rule!r}")
+        out.append(ChecklistQuestion(q["id"], q["question"], tuple(answers), tuple(q.get("evidence", ())), rule,
+                                     temporal, q.get("truth"), bool(q.get("numeric", False))))
+    ids = [q.id for q in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: question ids must be unique, got {ids}")
+    frame_ids = {q.id for q in out if not q.is_temporal}
+    for q in out:
+        if q.is_temporal and q.temporal.get("of") not in frame_ids:
+            raise ValueError(f"{path}: question {q.id}: temporal 'of' must name a frame question of the set "
+                             f"({sorted(frame_ids)}), got {q.temporal.get('of')!r}")
+        if q.temporal and q.temporal["rule"] == "entered":
+            of = next(x for x in out if x.id == q.temporal["of"])
+            if not {"yes", "no"} <= set(of.answers):
+                raise ValueError(f"{path}: question {q.id}: rule 'entered' needs a yes/no question, {of.id} is not")
+    return out
+
+
+class TemporalWindow:
+    """Answers of the frame questions over the last seconds of one video; answers temporal questions.
+
+    Feed frames in time order with :meth:`push`; a source's window never mixes with another's (use one window per
+    video). ``load`` restores a window from earlier results (resuming a run).
+    """
+
+    def __init__(self, questions: Sequence[ChecklistQuestion]):
+        self.temporal = [q for q in questions if q.is_temporal]
+        self.span = max((float(q.temporal["window_s"]) for q in self.temporal), default=0.0)
+        self.history: deque[tuple[float, dict[str, tuple[str, float]]]] = deque()
+
+    def push(self, time_s: float, answers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Record a frame's answers (``{id: {"answer", "score", "evidence"}}``) and answer the temporal questions
+        at this frame: ``{id: {"answer", "score", "evidence", "frames"}}`` (``frames``: window frames compared)."""
+        if self.history and time_s < self.history[-1][0]:
+            raise ValueError(f"frames must come in time order: {time_s} after {self.history[-1][0]}")
+        out = {}
+        for q in self.temporal:
+            of, window = q.temporal["of"], float(q.temporal["window_s"])
+            if of not in answers:
+                continue
+            now, now_score = answers[of]["answer"], answers[of]["score"]
+            past = [(t, a[of]) for t, a in self.history if time_s - t <= window + 1e-6 and of in a]
+            ignore = set(q.temporal.get("ignore", ()))
+            if q.temporal["rule"] == "changed":
+                compared = [(a, s) for _, (a, s) in past if a not in ignore] if now not in ignore else []
+                hit = any(a != now for a, _ in compared)
+            else:  # entered
+                compared = [(a, s) for _, (a, s) in past] if now == "yes" else []
+                hit = any(a == "no" for a, _ in compared)
+            scores = [now_score] + [s for _, s in compared]
+            out[q.id] = {"answer": "yes" if hit else "no", "score": float(min(scores)),
+                         "evidence": list(answers[of].get("evidence", [])), "frames": len(compared)}
+        self.history.append((time_s, {k: (v["answer"], float(v["score"])) for k, v in answers.items()}))
+        while self.history and time_s - self.history[0][0] > self.span + 1e-6:
+            self.history.popleft()
+        return out
+
+
+@dataclass(kw_only=True)
+class ChecklistOutput(PipelineOutput):
+    """Per input frame: ``results[i]`` is ``{question id: {"answer", "score", "evidence"}}`` (None for a frame
+    that failed); ``detections[i]`` all dense-head boxes of the frame."""
+
+    results: list[dict[str, dict[str, Any]] | None] = field(default_factory=list)
+    detections: list[list[dict[str, Any]] | None] = field(default_factory=list)
+
+
+class DrivingChecklist:
+    """Asks a question set of frames with a :class:`VQAPipeline` and finds evidence with the tower's dense head.
+
+    Args:
+        vqa: the answering pipeline; its model's image backbone must have a dense object head (the bundled
+            decoder's does).
+        questions: a question set (default: :func:`load_checklist`'s).
+        threshold: dense-head cell threshold for evidence boxes.
+    """
+
+    def __init__(self, vqa: VQAPipeline, questions: Sequence[ChecklistQuestion] | None = None,
+                 threshold: float = 0.5):
+        tower = getattr(vqa.model.image.backbone, "tower", None)
+        if tower is None or not hasattr(tower, "fused_and_dense"):
+            raise ValueError("the model's image backbone has no dense object head: evidence boxes need one "
+                             "(e.g. the bundled shusheng-mini-uniperceiver)")
+        from shusheng.data.synthdrive import DENSE_LABELS
+
+        self.vqa, self.tower, self.labels = vqa, tower, DENSE_LABELS
+        self.questions = list(questions) if questions is not None else load_checklist()
+        self.frame_questions = [q for q in self.questions if not q.is_temporal]
+        self.threshold = float(threshold)
+        with torch.inference_mode():
+            self._answer_feats = {q.id: vqa.model.text_features(list(q.answers)) for q in self.frame_questions}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, questions: str | Path | None = None,
+                        **kwargs: Any) -> DrivingChecklist:
+        """The checklist over a saved decoder (default: the bundled one) and a question file (default set)."""
+        return cls(VQAPipeline.from_pretrained(path), load_checklist(questions), **kwargs)
+
+    def window(self) -> TemporalWindow:
+        """A new :class:`TemporalWindow` for one video."""
+        return TemporalWindow(self.questions)
+
+    def _evidence(self, q: ChecklistQuestion, answer: str, boxes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        wanted = [b for b in boxes if any(b["label"] == e or (e == "vehicle" and b["group"] == "vehicle")
+                                          for e in q.evidence)]
+        if q.evidence_rule == "nearest":
+            wanted = sorted(wanted, key=lambda b: -(b["box"][1] + b["box"][3]))[:1]
+        words = set(answer.replace("_", " ").split())
+        agree = [b for b in wanted if words & set(b["label"].replace("_", " ").split()) - {"sign", "light"}]
+        chosen = agree or wanted
+        if answer in ("no", "none", "0") and q.evidence_rule != "nearest" and not agree:
+            chosen = wanted  # what was looked at: possibly nothing
+        return [{"box": b["box"], "label": b["label"], "score": round(b["score"], 4)} for b in chosen]
+
+    @torch.inference_mode()
+    def __call__(self, images: Any, times: Sequence[float] | None = None, batch_size: int = 32,
+                 on_error: str = "item", window: TemporalWindow | None = None) -> ChecklistOutput:
+        """Answer the question set for each frame.
+
+        Args:
+            images: frames (paths, PIL images, ... see :func:`shusheng.pipelines.as_image_list`).
+            times: seconds of each frame in one video, increasing; with them the temporal questions are answered
+                (over ``window``, or a new one); without them only the frame questions.
+            batch_size: frames per forward pass.
+            on_error: ``"item"`` or ``"raise"`` for frames that cannot be loaded.
+            window: a :class:`TemporalWindow` to continue (consecutive calls over one video).
+        """
+        from shusheng.backbone.dense_tower import DENSE_OBJECT_GROUPS, dense_boxes
+
+        images = as_image_list(images)
+        n = len(images)
+        if times is not None and len(times) != n:
+            raise ValueError(f"got {len(times)} times for {n} frames")
+        model = self.vqa.model
+        out = {"results": [None] * n, "detections": [None] * n, **self.vqa._empty(n)}
+        group_of = {self.labels[k]: g for g, (a, b) in DENSE_OBJECT_GROUPS.items() for k in range(a, b)}
+        for batch in self.vqa.stream(images, batch_size, on_error):
+            if batch.pixels is None:
+                self.vqa._fill(out, batch, [], [])
+                continue
+            tokens = self.vqa._encode(batch.pixels, out, batch)
+            prob = torch.sigmoid(self.tower.fused_and_dense(batch.pixels)[1].float()).cpu().numpy()
+            per_q = {}
+            for q in self.frame_questions:
+                p = model.vqa_match(None, [q.question] * len(batch.index), image_tokens=tokens,
+                                    answer_features=self._answer_feats[q.id])
+                best = p.max(-1)
+                per_q[q.id] = [(q.answers[j], float(v)) for v, j in zip(best.values.tolist(), best.indices.tolist())]
+            for j, i in enumerate(batch.index):
+                boxes = dense_boxes(prob[j], batch.sizes[j], self.labels, self.threshold)
+                for b in boxes:
+                    b["group"] = group_of[b["label"]]
+                res = {}
+                for q in self.frame_questions:
+                    a, s = per_q[q.id][j]
+                    res[q.id] = {"answer": a, "score": s, "evidence": self._evidence(q, a, boxes)}
+                out["results"][i] = res
+                out["detections"][i] = [{k: v for k, v in b.items() if k != "group"} for b in boxes]
+        if times is not None:
+            win = window if window is not None else self.window()
+            for i in range(n):
+                if out["results"][i] is not None:
+                    out["results"][i].update(win.push(float(times[i]), out["results"][i]))
+        return ChecklistOutput(**out)
+
+
+
+#: keys of one output line of ``demos/drive_qa.py`` and their types (``None`` allowed where listed)
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "source": (str,), "frame": (dict,), "question_id": (str,), "question": (str,), "answer": (str, type(None)),
+    "score": (float, int, type(None)), "evidence": (list,), "in_domain": (bool, type(None)),
+}
+
+
+def validate_record(rec: Any, questions: Sequence[ChecklistQuestion] | None = None) -> list[str]:
+    """Problems of one result line (empty when valid): missing or mistyped fields, a frame without an integer
+    ``index`` and a ``time_s`` (number or null), malformed evidence boxes, a score outside [0, 1], and, given the
+    question set, an unknown question id or an answer outside the question's answers. A line with an ``error``
+    (the frame could not be read) must have a null answer."""
+    if not isinstance(rec, dict):
+        return ["not a JSON object"]
+    problems = [f"missing {k}" for k in RECORD_FIELDS if k not in rec]
+    problems += [f"{k} has type {type(rec[k]).__name__}" for k, types in RECORD_FIELDS.items()
+                 if k in rec and not isinstance(rec[k], types)]
+    if problems:
+        return problems
+    f = rec["frame"]
+    if not isinstance(f.get("index"), int) or isinstance(f.get("index"), bool) or f["index"] < 0:
+        problems.append("frame.index must be an integer >= 0")
+    if "time_s" not in f or not (f["time_s"] is None or isinstance(f["time_s"], (int, float))):
+        problems.append("frame.time_s must be a number or null")
+    for b in rec["evidence"]:
+        if not (isinstance(b, dict) and isinstance(b.get("label"), str) and isinstance(b.get("box"), list)
+                and len(b["box"]) == 4 and all(isinstance(v, int) and v >= 0 for v in b["box"])):
+            problems.append(f"bad evidence box {b!r}")
+            break
+    if rec["score"] is not None and not 0.0 <= float(rec["score"]) <= 1.0 + 1e-6:
+        problems.append(f"score {rec['score']} outside [0, 1]")
+    if rec.get("error") is not None:
+        if rec["answer"] is not None:
+            problems.append("a line with an error must have a null answer")
+        return problems
+    if rec["answer"] is None:
+        problems.append("null answer without an error")
+    if questions is not None:
+        by_id = {q.id: q for q in questions}
+        q = by_id.get(rec["question_id"])
+        if q is None:
+            problems.append(f"unknown question id {rec['question_id']!r}")
+        elif rec["answer"] is not None and rec["answer"] not in q.answers:
+            problems.append(f"answer {rec['answer']!r} is not one of {list(q.answers)}")
+    return problems

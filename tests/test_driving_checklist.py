@@ -1,0 +1,107 @@
+"""The driving checklist: question files, temporal rules, the output schema, and answers on real frames."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shusheng.uniperceiver.pipelines.driving import (
+    DEFAULT_CHECKLIST,
+    TemporalWindow,
+    load_checklist,
+    validate_record,
+)
+
+
+def test_default_question_set_covers_the_driving_checklist():
+    qs = load_checklist()
+    ids = [q.id for q in qs]
+    assert ids == ["light", "stop", "crosswalk_pedestrians", "speed_limit", "vehicle_count", "nearest_vehicle",
+                   "light_changed", "pedestrian_entering"]
+    by = {q.id: q for q in qs}
+    assert set(by["light"].answers) == {"red", "yellow", "green", "none"}
+    assert len(by["nearest_vehicle"].answers) == 8 * 3 + 1 and "red bus" in by["nearest_vehicle"].answers
+    assert by["speed_limit"].numeric and by["vehicle_count"].numeric and not by["light"].numeric
+    assert [q.id for q in qs if q.is_temporal] == ["light_changed", "pedestrian_entering"]
+    # demos/ ships the same file
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "demos" / "questions" / "driving.json"
+    assert json.loads(demo.read_text()) == json.loads(DEFAULT_CHECKLIST.read_text())
+
+
+@pytest.mark.parametrize("questions, message", [
+    ([{"id": "a", "question": "Q?", "answers": []}], "non-empty list"),
+    ([{"id": "a", "question": " ", "answers": ["yes"]}], "empty"),
+    ([{"id": "a", "question": "Q?", "answers": ["yes"]}, {"id": "a", "question": "R?", "answers": ["no"]}],
+     "unique"),
+    ([{"id": "t", "question": "Q?", "answers": ["yes", "no"],
+       "temporal": {"rule": "changed", "of": "x", "window_s": 1}}], "must name a frame question"),
+    ([{"id": "a", "question": "Q?", "answers": ["red", "green"]},
+      {"id": "t", "question": "Q?", "answers": ["yes", "no"], "temporal": {"rule": "entered", "of": "a",
+                                                                           "window_s": 1}}], "yes/no question"),
+    ([{"id": "a", "question": "Q?", "answers": ["yes"], "evidence_rule": "largest"}], "evidence_rule"),
+    ([{"id": "a", "question": "Q?", "answers": "everything"}], "unknown answer set"),
+])
+def test_malformed_question_files_are_refused_with_the_reason(tmp_path, questions, message):
+    f = tmp_path / "q.json"
+    f.write_text(json.dumps({"questions": questions}))
+    with pytest.raises(ValueError, match=message):
+        load_checklist(f)
+    f.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_checklist(f)
+    with pytest.raises(FileNotFoundError):
+        load_checklist(tmp_path / "missing.json")
+
+
+def _a(answer, score=0.9):
+    return {"answer": answer, "score": score, "evidence": []}
+
+
+def test_light_changed_compares_within_the_window_and_ignores_frames_without_a_light():
+    win = TemporalWindow(load_checklist())
+    seq = [(0.0, "green"), (0.5, "none"), (1.0, "green"), (1.25, "yellow"), (1.5, "yellow"), (2.0, "yellow"),
+           (2.3, "yellow"), (2.4, "none")]
+    got = [win.push(t, {"light": _a(s), "crosswalk_pedestrians": _a("no")})["light_changed"]["answer"]
+           for t, s in seq]
+    #        green  none   green   yellow (green 0.25 s ago)  yellow  yellow (green at 1.0, 1 s ago)
+    assert got == ["no", "no", "no", "yes", "yes", "yes", "no", "no"]
+
+
+def test_pedestrian_entering_needs_no_then_yes_within_the_window():
+    win = TemporalWindow(load_checklist())
+    seq = [(0.0, "no"), (0.5, "yes"), (1.0, "yes"), (2.0, "yes"), (2.1, "no"), (4.0, "yes")]
+    got = [win.push(t, {"light": _a("none"), "crosswalk_pedestrians": _a(s, 0.8 if s == "yes" else 0.6)})
+           for t, s in seq]
+    assert [g["pedestrian_entering"]["answer"] for g in got] == ["no", "yes", "yes", "no", "no", "no"]
+    # the score is the least sure of the answers compared
+    assert got[1]["pedestrian_entering"]["score"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="time order"):
+        win.push(1.0, {"light": _a("none"), "crosswalk_pedestrians": _a("no")})
+
+
+def _line(**kw):
+    rec = {"source": "a.mp4", "frame": {"index": 3, "time_s": 0.375}, "question_id": "light",
+           "question": "What color is the traffic light?", "answer": "red", "score": 0.9,
+           "evidence": [{"box": [1, 2, 3, 4], "label": "light red", "score": 0.99}], "in_domain": True}
+    rec.update(kw)
+    return rec
+
+
+def test_result_lines_are_checked_against_the_schema():
+    qs = load_checklist()
+    assert validate_record(_line(), qs) == []
+    assert validate_record(_line(answer=None, score=None, evidence=[], error="cannot read"), qs) == []
+    assert validate_record(_line(answer="purple"), qs) == ["answer 'purple' is not one of ['red', 'yellow', "
+                                                           "'green', 'none']"]
+    assert "missing source" in validate_record({k: v for k, v in _line().items() if k != "source"})
+    assert validate_record(_line(frame={"index": -1, "time_s": None}))
+    assert validate_record(_line(frame={"index": 0}))
+    assert validate_record(_line(score=1.5))
+    assert validate_record(_line(evidence=[{"box": [1, 2, 3], "label": "x"}]))
+    assert validate_record(_line(answer=None))
+    assert validate_record(_line(error="x"))
+    assert validate_record(_line(question_id="weather"), qs)
+    assert validate_record([1, 2]) == ["not a JSON object"]
