@@ -5,7 +5,8 @@ writes, which uploads it decodes, and how much work one request may take.
   (``--auth USER:PASSWORD``, ``--auth-file FILE`` or ``$SHUSHENG_DEMO_AUTH``), unless ``--insecure-no-auth``
   says the network is trusted.
 * **Folders** (:class:`FolderPolicy`): the app indexes and searches only below its allowed folders (``..`` and
-  symbolic links that lead out are refused before anything is looked at or written). An index goes into
+  symbolic links that lead out are refused before anything is looked at or written). Video frames shown for
+  search hits are read only from videos that lie in the index's own collection as well (:func:`within`). An index goes into
   ``FOLDER/.shusheng-index`` only for folders the app generated, folders that already hold one, or when asked
   (``index_in_folder``); any other folder, read-only or foreign ones included, is indexed under ``index_root``
   (default ``$SHUSHENG_CACHE_DIR/indexes``).
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["AUTH_ENV", "AppLimits", "FolderPolicy", "InsecureLaunchError", "UserInputError", "cache_root",
-           "check_exposure", "is_loopback", "load_upload", "parse_credentials", "read_auth_file", "resolve_auth"]
+           "check_exposure", "is_loopback", "load_upload", "parse_credentials", "read_auth_file", "resolve_auth",
+           "within"]
 
 #: Environment variable holding ``USER:PASSWORD`` for ``shusheng demo`` (used when no ``--auth``/``--auth-file``).
 AUTH_ENV = "SHUSHENG_DEMO_AUTH"
@@ -223,6 +225,12 @@ def _real(path: str | os.PathLike) -> Path:
 
 def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def within(path: str | os.PathLike, folders: Iterable[str | os.PathLike]) -> bool:
+    """Whether ``path`` is one of ``folders`` or lies below one, both resolved (``..`` and symbolic links
+    followed). A collection's roots may be files given directly: such a root covers that file only."""
+    return _inside(_real(path), [_real(f) for f in folders])
 
 
 def _can_write(folder: Path) -> bool:

@@ -1,4 +1,5 @@
-"""Image-text search over image collections: embedders, the index store (FAISS + SQLite) and folder ingest.
+"""Image-text search over image and video collections: embedders, the index store (FAISS + SQLite) and folder
+ingest.
 
 Quick start::
 
@@ -18,7 +19,8 @@ Modules (each imports only those above it in this list):
 * ``errors`` — the exceptions; ``layout`` — the index folder: file names, ``embedder.json`` (:class:`EmbedderInfo`),
   the write lock, :func:`resolve_index_path`; ``embedders`` — the :class:`Embedder` protocol and the registry;
 * ``store`` — ``meta.sqlite`` (files, entries, info); ``prepare`` — reading, hashing, decoding, dating and
-  cropping one file; ``vectors`` — the FAISS index (type, training, reconciling, saving); ``search`` — hits and
+  cropping one file; ``video`` — videos: frames sampled at a set rate, near-identical frames collapsed, one frame
+  read back at its time; ``vectors`` — the FAISS index (type, training, reconciling, saving); ``search`` — hits and
   filters; ``duplicates`` — exact and near duplicates;
 * ``index`` — :class:`Index`, the facade composing them; ``ingest`` — :func:`index_folder`;
 * ``cli`` — ``shusheng index`` / ``shusheng search``.
@@ -48,6 +50,7 @@ _EXPORTS = {
     "DuplicateGroup": "duplicates",
     "SearchHit": "search",
     "choose_index_spec": "vectors",
+    "VideoSampling": "video",
     "Index": "index",
     "IngestReport": "ingest",
     "index_folder": "ingest",

@@ -5,6 +5,7 @@ Examples::
     shusheng index ~/Pictures                              # index (incrementally) into ~/Pictures/.shusheng-index
     shusheng index ~/Pictures --embedder open_clip:ViT-B-32 --checkpoint vit_b32.safetensors --index /data/idx
     shusheng index ~/Pictures --regions boxes.json         # {"a.jpg": [[x, y, w, h], ...]}
+    shusheng index ~/Videos --video-fps 2 --collapse 0.95  # videos: 2 frames/s, near-identical frames collapsed
     shusheng index --stats ~/Pictures
     shusheng index --duplicates ~/Pictures --near 0.97
     shusheng search "a red car at night" --index ~/Pictures -k 5 --threshold 0.2 --from 2023-01-01 --json
@@ -45,9 +46,11 @@ def _fmt_bytes(n: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------- index
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Index the images below FOLDER for text and image search. Re-running only embeds new "
-                          "or changed files and drops deleted ones; a killed run resumes where it stopped.")
-    parser.add_argument("folder", nargs="?", help="folder of images to index (recursively)")
+    parser.description = ("Index the images and videos below FOLDER for text and image search. Re-running only "
+                          "embeds new or changed files and drops deleted ones; a killed run resumes where it "
+                          "stopped. Videos are sampled at --video-fps; each kept frame is an entry with its time.")
+    parser.add_argument("folder", nargs="?",
+                        help="folder of images and videos to index (recursively), or one image or video file")
     parser.add_argument("--index", metavar="PATH", help="index folder (default FOLDER/.shusheng-index)")
     parser.add_argument("--embedder", metavar="NAME",
                         help="shusheng-mini-clip (default for a new index), open_clip:<arch>, or a registered name; "
@@ -65,6 +68,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(vehicles, people, traffic lights, signs) as region entries")
     parser.add_argument("--detect-threshold", type=float, default=0.5, metavar="P",
                         help="minimum cell probability for --detect (0.5)")
+    videos = parser.add_argument_group("videos (.mp4, .mov, .avi, .mkv, .webm; needs pip install 'shusheng[video]')")
+    videos.add_argument("--video-fps", type=float, default=None, metavar="F",
+                        help="frames sampled per second of video (default: the rate recorded in the index, else 1); "
+                             "videos indexed at another rate are sampled again")
+    videos.add_argument("--collapse", type=float, default=None, metavar="T",
+                        help="collapse consecutive sampled frames whose embeddings have a cosine >= T with the first "
+                             "frame of their run into one entry spanning their times (default: the index's, "
+                             "else 0.98)")
+    videos.add_argument("--no-collapse", dest="collapse", action="store_false", default=None,
+                        help="keep every sampled frame as an entry")
+    videos.add_argument("--no-videos", action="store_true", help="index images only (skip video files)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per embedder call (32)")
     parser.add_argument("--commit-every", type=int, default=256, metavar="N",
                         help="commit after N changed files (256): the most a crash can lose")
@@ -87,16 +101,23 @@ def _run_stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(stats)
         return 0
+    frames = f"{stats['frame_entries']} video frames, " if stats["videos"] else ""
     rows = [
         ("index", stats["path"]),
-        ("files", stats["files"]),
-        ("entries", f"{stats['entries']} ({stats['image_entries']} images, {stats['region_entries']} regions)"),
+        ("files", f"{stats['files']}" + (f" ({stats['videos']} videos)" if stats["videos"] else "")),
+        ("entries", f"{stats['entries']} ({stats['image_entries']} images, {frames}{stats['region_entries']} regions)"),
         ("embedder", f"{stats['embedder']} (dim {stats['dim']})"),
         ("index type", stats["index_type"] + (f", nprobe {stats['nprobe']}" if stats["nprobe"] else " (exact)")),
         ("size on disk", _fmt_bytes(stats["size_on_disk_bytes"])),
         ("last commit", f"{stats['last_commit'] or 'never'} (generation {stats['generation']})"),
         ("folders", ", ".join(stats["roots"]) or "-"),
     ]
+    sampling = stats["video_sampling"]
+    if stats["videos"] and sampling:
+        collapse = (f"near-identical frames collapsed at cosine >= {sampling['collapse']}"
+                    if sampling["collapse"] is not None else "no collapsing")
+        unit = "frame/s" if sampling["fps"] == 1 else "frames/s"
+        rows.insert(3, ("video sampling", f"{sampling['fps']:g} {unit}, {collapse}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -154,7 +175,8 @@ def _run_index(args: argparse.Namespace) -> int:
         args.folder, args.index, args.embedder, checkpoint=args.checkpoint, device=args.device,
         regions=args.regions, detector=detector, batch_size=args.batch_size, commit_every=args.commit_every,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, include_hidden=args.include_hidden,
-        progress=not args.quiet and not args.json, runtime=args.runtime)
+        progress=not args.quiet and not args.json, runtime=args.runtime, videos=not args.no_videos,
+        video_fps=args.video_fps, collapse=args.collapse)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -165,7 +187,7 @@ def _run_index(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- search
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Search an index by text, by image, or both; prints the best matches with their cosine "
-                          "scores (region matches with their box).")
+                          "scores (region matches with their box, video frames as 'VIDEO @ 12.0 s').")
     parser.add_argument("text", nargs="?", help="query text")
     parser.add_argument("--image", metavar="FILE", help="query image (with TEXT too: the sum of both queries)")
     parser.add_argument("-k", type=int, default=10, help="number of results (10)")
@@ -181,7 +203,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (approximate indexes)")
     parser.add_argument("--checkpoint", metavar="FILE", help="embedder weights, if moved since indexing")
     parser.add_argument("--json", action="store_true",
-                        help="print a JSON list of {path, score, box, entry_id, width, height, date}")
+                        help="print a JSON list of {path, score, box, entry_id, width, height, date, video, time, "
+                             "time_end, frame} (the last four null for images)")
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -211,5 +234,6 @@ def run_search(args: argparse.Namespace) -> int:
         print("no results" + (f" scoring >= {args.threshold}" if args.threshold is not None else ""))
     for h in hits:
         box = f"  box={list(h.box)}" if h.box is not None else ""
-        print(f"{h.score:.4f}  {h.path}{box}  {h.date[:10]}")
+        at = f" @ {h.when}" if h.is_video else ""
+        print(f"{h.score:.4f}  {h.path}{at}{box}  {h.date[:10]}")
     return 0

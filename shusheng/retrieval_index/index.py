@@ -2,8 +2,8 @@
 
 :class:`Index` is the facade over the parts of an index folder (layout in :mod:`shusheng.retrieval_index.layout`):
 
-* :class:`~shusheng.retrieval_index.store.MetaStore` — ``meta.sqlite``: files, entries (one per whole image or
-  region box, with its float32 vector), info (generation, last commit, folders);
+* :class:`~shusheng.retrieval_index.store.MetaStore` — ``meta.sqlite``: files, entries (one per whole image, kept
+  video frame or region box, with its float32 vector), info (generation, last commit, folders, video sampling);
 * :class:`~shusheng.retrieval_index.vectors.VectorIndex` — ``vectors.faiss`` + ``commit.json``: the FAISS index
   over every entry (ids = entry ids), its type, training, reconciling and saving;
 * :class:`~shusheng.retrieval_index.layout.EmbedderInfo` — ``embedder.json``: the embedder that built it;
@@ -62,7 +62,7 @@ from shusheng.retrieval_index.layout import (
 )
 from shusheng.retrieval_index.prepare import prepare_file
 from shusheng.retrieval_index.search import DateLike, SearchHit, parse_date, rank_entries
-from shusheng.retrieval_index.store import Box, FileRecord, MetaStore, normalise
+from shusheng.retrieval_index.store import Box, FileRecord, FrameSpan, MetaStore, normalise
 from shusheng.retrieval_index.vectors import (
     FLAT_MAX_ENTRIES,
     RETRAIN_FACTOR,
@@ -71,6 +71,7 @@ from shusheng.retrieval_index.vectors import (
     VectorIndex,
     choose_index_spec,
 )
+from shusheng.retrieval_index.video import VideoSampling, is_video
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -274,12 +275,34 @@ class Index:
     def boxes_of(self, file_id: int, source: str) -> list[Box]:
         return self._store.boxes_of(file_id, source)
 
+    def frame_spans(self, file_id: int) -> list[FrameSpan]:
+        """``(frame index, time, time_end)`` of each kept frame of an indexed video, in time order."""
+        return self._store.frame_spans(file_id)
+
+    @property
+    def roots(self) -> list[str]:
+        """The folders (and files given directly) this index was built from, absolute."""
+        with self._mutex:
+            return self._store.roots()
+
+    @property
+    def video_sampling(self) -> VideoSampling | None:
+        """How videos were last sampled into this index (``None``: never)."""
+        with self._mutex:
+            return VideoSampling.from_key(self._store.info("video_sampling"))
+
+    def set_video_sampling(self, sampling: VideoSampling) -> None:
+        """Records the video sampling of this index (the default of the next ingest)."""
+        self._require_writable().set_info("video_sampling", sampling.key())
+
     def put_file(self, path: str | os.PathLike, *, size: int, mtime_ns: int, digest: str, date: str,
-                 date_source: str, width: int, height: int, detector: str | None = None) -> int:
-        """Inserts or replaces the metadata of one file; a replaced file loses all its entries. Returns its id."""
+                 date_source: str, width: int, height: int, detector: str | None = None,
+                 sampling: str | None = None) -> int:
+        """Inserts or replaces the metadata of one file; a replaced file loses all its entries. Returns its id.
+        ``sampling`` (:meth:`VideoSampling.key`) marks a video."""
         return self._require_writable().put_file(path, size=size, mtime_ns=mtime_ns, digest=digest, date=date,
                                                  date_source=date_source, width=width, height=height,
-                                                 detector=detector)
+                                                 detector=detector, sampling=sampling)
 
     def touch_file(self, file_id: int, size: int, mtime_ns: int) -> None:
         """Records a new size/mtime for a file whose content (hash) did not change."""
@@ -289,15 +312,18 @@ class Index:
         self._require_writable().set_detector(file_id, detector)
 
     def add_entries(self, file_id: int, vectors: np.ndarray, boxes: Sequence[Box | None],
-                    source: str | Sequence[str] = "image") -> list[int]:
+                    source: str | Sequence[str] = "image", spans: Sequence[FrameSpan | None] | None = None
+                    ) -> list[int]:
         """Adds one entry per row of ``vectors`` to file ``file_id``: ``box=None`` for the whole image.
 
         Args:
             vectors: ``(n, dim)`` float32; rows are re-normalised.
             boxes: ``n`` boxes ``(x, y, w, h)`` or ``None``.
-            source: ``"image"``, ``"user"`` or ``"detector"`` (one for all, or one per row).
+            source: ``"image"`` (a whole image or video frame), ``"user"`` or ``"detector"`` (one for all, or one
+                per row).
+            spans: video entries: ``(frame index, time s, time_end s)`` per row (``None`` for images).
         """
-        return self._require_writable().add_entries(file_id, vectors, boxes, source)
+        return self._require_writable().add_entries(file_id, vectors, boxes, source, spans)
 
     def remove_entries(self, file_id: int, source: str | None = None) -> int:
         """Removes the entries of a file (only those of ``source`` if given). Returns how many."""
@@ -325,6 +351,9 @@ class Index:
         """
         from shusheng.data.images import DEFAULT_MAX_PIXELS
 
+        if is_video(path):
+            raise ValueError(f"{os.fspath(path)!r} is a video: index it with index_folder(path) (or shusheng "
+                             "index PATH), which samples its frames")
         store = self._require_writable()
         embedder = embedder or self.embedder
         self._check_embedder(embedder)
@@ -421,7 +450,7 @@ class Index:
                date_to: DateLike | None = None, regions: bool = True, *, vector: np.ndarray | None = None,
                group_by_image: bool = True, nprobe: int | None = None,
                embedder: Embedder | None = None) -> list[SearchHit]:
-        """Text-to-image, image-to-image or text+image search.
+        """Text-to-image, image-to-image or text+image search over images and video frames.
 
         Args:
             text: query text.
@@ -433,8 +462,9 @@ class Index:
             date_from, date_to: keep pictures taken in this range (inclusive; ``YYYY-MM-DD`` covers the day).
             regions: also search region entries (boxes inside images).
             vector: a ready query vector instead of ``text``/``image``.
-            group_by_image: one hit per image — its best entry (whole image or a region, whose box is then
-                set). With ``False``, every (path, box) entry is its own hit.
+            group_by_image: one hit per image, or per kept frame of a video — its best entry (whole image or
+                frame, or a region, whose box is then set). With ``False``, every (path, frame, box) entry is its
+                own hit. Video hits carry ``video``, ``time``, ``time_end`` and ``frame``.
             nprobe: IVF lists to visit (default the index's own); ignored by exact indexes.
             embedder: embedder for the query (default the index's).
 
@@ -480,18 +510,24 @@ class Index:
             return find_duplicates(self._store, self._vectors, near=near, neighbours=neighbours)
 
     def stats(self) -> dict[str, Any]:
-        """Counts, embedder, index type, size on disk and last commit, as a JSON-friendly dict."""
+        """Counts (files, videos, whole-image, video-frame and region entries), embedder, index type, video sampling,
+        size on disk and last commit, as a JSON-friendly dict."""
         with self._mutex:
             store = self._store
             by_source = store.entry_counts_by_source()
+            videos, frame_entries = store.video_counts()
+            sampling = VideoSampling.from_key(store.info("video_sampling"))
             spec = self.spec
             size = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
             return {
                 "path": os.fspath(self.path),
                 "files": store.file_count(),
+                "videos": videos,
                 "entries": sum(by_source.values()),
-                "image_entries": by_source.get("image", 0),
+                "image_entries": by_source.get("image", 0) - frame_entries,
+                "frame_entries": frame_entries,
                 "region_entries": by_source.get("user", 0) + by_source.get("detector", 0),
+                "video_sampling": sampling.to_dict() if sampling is not None else None,
                 "embedder": self.embedder_name,
                 "dim": self.dim,
                 "index_type": spec.factory,

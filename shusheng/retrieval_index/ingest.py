@@ -1,12 +1,16 @@
-"""Folder ingest: index every image below a folder, embedding only what is new or changed.
+"""Folder ingest: index every image and video below a folder, embedding only what is new or changed.
 
-:func:`index_folder` scans the folder, and for each image file:
+:func:`index_folder` scans the folder, and for each image or video file:
 
 1. same size and mtime as indexed -> unchanged (nothing read);
 2. otherwise its bytes are hashed (BLAKE2b): same hash as indexed -> unchanged (only the mtime is updated);
    same hash as *another* indexed file (renamed, moved or copied) -> its vectors are copied, nothing embedded;
 3. otherwise it is decoded by :func:`shusheng.data.load_image` (in a thread pool, overlapping the embedder)
-   and embedded with its region crops.
+   and embedded with its region crops; a video is sampled, embedded and collapsed frame by frame
+   (:mod:`shusheng.retrieval_index.video`) and its entries replace the old ones at once.
+
+A video is also sampled again when the sampling (rate, collapse threshold) differs from the one it was indexed
+with.
 
 Indexed files no longer found under the folder are removed at the end. Bad files (corrupt, truncated, empty,
 not images, decompression bombs, too large, symlink loops, unreadable) are skipped and listed in the
@@ -43,11 +47,21 @@ from shusheng.retrieval_index.prepare import (
     crop_with_context,
     downscale,
     file_digest,
+    hash_file,
     iso_from_mtime,
     prepare_file,
     read_file,
 )
 from shusheng.retrieval_index.store import Box, FileRecord
+from shusheng.retrieval_index.video import (
+    DEFAULT_COLLAPSE,
+    DEFAULT_VIDEO_FPS,
+    VIDEO_EXTENSIONS,
+    VideoLoadError,
+    VideoSampling,
+    embed_video,
+    is_video,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -61,9 +75,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: What :func:`index_folder` looks for: images, then videos (lower case, with the dot).
+MEDIA_EXTENSIONS: tuple[str, ...] = tuple(IMAGE_EXTENSIONS) + tuple(VIDEO_EXTENSIONS)
+
 __all__ = [
-    "CONTEXT_PAD", "EMBED_MIN_SIDE", "IngestReport", "PreparedImage", "clip_box", "crop_with_context",
-    "index_folder", "load_regions", "prepare_file", "resolve_embedder", "scan_folder",
+    "CONTEXT_PAD", "EMBED_MIN_SIDE", "MEDIA_EXTENSIONS", "IngestReport", "PreparedImage", "clip_box", "crop_with_context",
+    "index_folder", "load_regions", "prepare_file", "resolve_embedder", "resolve_sampling", "scan_folder",
 ]
 
 @dataclass
@@ -75,6 +92,8 @@ class IngestReport:
         unchanged: files left as they were. removed: indexed files no longer in the folder.
         reused: added/updated files whose vectors were copied from an identical indexed file (renames, copies).
         embedded: images run through the embedder. regions: region crops run through the embedder.
+        frames: sampled video frames run through the embedder. frame_entries: of those, the frames kept as
+            entries after collapsing near-identical consecutive ones.
         skipped: ``(path, reason)`` for every file, folder or region box that could not be used.
     """
 
@@ -86,6 +105,8 @@ class IngestReport:
     reused: int = 0
     embedded: int = 0
     regions: int = 0
+    frames: int = 0
+    frame_entries: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -95,9 +116,11 @@ class IngestReport:
         return d
 
     def summary(self) -> str:
+        frames = (f" + {self.frames} video frames ({self.frame_entries} kept after collapsing)"
+                  if self.frames else "")
         text = (f"{self.added} added, {self.updated} updated, {self.unchanged} unchanged, {self.removed} removed "
-                f"({self.embedded} images + {self.regions} regions embedded, {self.reused} reused from identical "
-                f"files) in {self.seconds:.1f} s")
+                f"({self.embedded} images{frames} + {self.regions} regions embedded, {self.reused} reused from "
+                f"identical files) in {self.seconds:.1f} s")
         if self.skipped:
             text += f"; {len(self.skipped)} skipped:\n" + "\n".join(f"  {p}: {r}" for p, r in self.skipped)
         return text
@@ -130,9 +153,10 @@ def load_regions(regions: Mapping[str, Any] | str | os.PathLike | None, root: st
 
 
 def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (), include_hidden: bool = False,
-                within: Sequence[str | os.PathLike] | None = None
+                within: Sequence[str | os.PathLike] | None = None, extensions: Sequence[str] | None = None
                 ) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    """Image files below ``root`` (by extension, sorted), following symlinks without looping.
+    """Image and video files (by extension: ``extensions``, lower case with the dot, default
+    :data:`MEDIA_EXTENSIONS`) below ``root``, sorted, following symlinks without looping.
 
     With ``within``, a file or folder whose real path (symbolic links resolved) is not below one of those
     folders is skipped ("symbolic link leads outside the allowed folders") instead of followed.
@@ -142,6 +166,7 @@ def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (),
         cannot be listed; the folders that could not be listed (their indexed files must not be dropped).
     """
     root = os.path.abspath(root)
+    extensions = MEDIA_EXTENSIONS if extensions is None else tuple(extensions)
     skip_real = {os.path.realpath(p) for p in skip}
     allowed = None if within is None else [os.path.join(os.path.realpath(d), "") for d in within]
 
@@ -171,7 +196,7 @@ def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (),
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError as e:
                 reason = "symlink loop" if e.errno == errno.ELOOP else f"cannot stat ({e.strerror or e})"
-                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS or e.errno != errno.ELOOP:
+                if os.path.splitext(entry.name)[1].lower() in extensions or e.errno != errno.ELOOP:
                     skipped.append((entry.path, reason))
                 continue
             if is_dir:
@@ -190,7 +215,7 @@ def scan_folder(root: str | os.PathLike, skip: Sequence[str | os.PathLike] = (),
                     skipped.append((entry.path, "symbolic link leads outside the allowed folders"))
                 elif os.path.realpath(entry.path) not in skip_real:
                     subdirs.append(entry.path)
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
                 if outside(entry.path):
                     skipped.append((entry.path, "symbolic link leads outside the allowed folders"))
                 else:
@@ -245,6 +270,28 @@ def resolve_embedder(embedder: Embedder | str | None, index_path: Path, checkpoi
     return with_runtime(embedder, runtime), checkpoint
 
 
+def resolve_sampling(recorded: VideoSampling | None, video_fps: float | None = None,
+                     collapse: float | bool | None = None) -> VideoSampling:
+    """The video sampling of an ingest: the given rate and collapse threshold, else the ones recorded in the index
+    (``recorded``), else 1 frame/s and 0.98.
+
+    Args:
+        video_fps: frames per second to sample; ``None``: recorded, else :data:`DEFAULT_VIDEO_FPS`.
+        collapse: a cosine threshold; ``False``: no collapsing; ``True``: :data:`DEFAULT_COLLAPSE`; ``None``:
+            recorded, else the default.
+    """
+    fps = video_fps if video_fps is not None else (recorded.fps if recorded else DEFAULT_VIDEO_FPS)
+    if collapse is None:
+        threshold = recorded.collapse if recorded else DEFAULT_COLLAPSE
+    elif collapse is True:
+        threshold = DEFAULT_COLLAPSE
+    elif collapse is False:
+        threshold = None
+    else:
+        threshold = float(collapse)
+    return VideoSampling(fps=fps, collapse=threshold)
+
+
 @dataclass
 class _Job:
     path: str
@@ -261,8 +308,10 @@ class _Ingest:
 
     def __init__(self, index: Index, embedder: Embedder, report: IngestReport, *, region_spec: dict,
                  detector: BoxDetector | None, batch_size: int, commit_every: int, max_pixels: int | None,
-                 workers: int):
+                 workers: int, sampling: VideoSampling | None = None):
         self.index, self.embedder, self.report = index, embedder, report
+        self.sampling = sampling or VideoSampling()
+        self.sampling_key = self.sampling.key()
         self.region_spec, self.detector, self.detector_name = region_spec, detector, _detector_name(detector)
         self.batch_size, self.commit_every, self.max_pixels = batch_size, commit_every, max_pixels
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shusheng-decode")
@@ -275,6 +324,9 @@ class _Ingest:
 
     # one file -----------------------------------------------------------
     def process(self, path: str) -> None:
+        if is_video(path):
+            self.process_video(path)
+            return
         index, report = self.index, self.report
         try:
             st = os.stat(path)
@@ -314,17 +366,19 @@ class _Ingest:
         self.pending_digests.add(digest)
         self._push(_Job(path, "full", future, rec, boxes, self.detector is not None, digest))
 
-    def _copy_twin(self, path: str, st: os.stat_result, digest: str, rec: FileRecord | None) -> bool:
-        """Renamed, moved or copied file: reuses the vectors of an indexed identical file. Returns whether."""
+    def _copy_twin(self, path: str, st: os.stat_result, digest: str, rec: FileRecord | None,
+                   sampling: str | None = None) -> bool:
+        """Renamed, moved or copied file: reuses the vectors of an indexed identical file (for a video, one
+        sampled the same way). Returns whether."""
         index, report = self.index, self.report
-        twins = [r for r in index.files_with_hash(digest) if r.path != path]
+        twins = [r for r in index.files_with_hash(digest) if r.path != path and r.sampling == sampling]
         if not twins:
             return False
         src = twins[0]
         date = src.date if src.date_source == "exif" else iso_from_mtime(st.st_mtime_ns)
         fid = index.put_file(path, size=st.st_size, mtime_ns=st.st_mtime_ns, digest=digest, date=date,
                              date_source=src.date_source, width=src.width, height=src.height,
-                             detector=src.detector)
+                             detector=src.detector, sampling=src.sampling)
         index.copy_entries(src.id, fid)
         report.reused += 1
         if rec is None:
@@ -332,7 +386,98 @@ class _Ingest:
         else:
             report.updated += 1
         self._changed()
-        self._queue_regions(index.file_record(path), count_update=False)
+        if sampling is None:
+            self._queue_regions(index.file_record(path), count_update=False)
+        else:
+            self._video_regions(index.file_record(path), count_update=False)
+        return True
+
+    # one video -------------------------------------------------------------
+    def process_video(self, path: str) -> None:
+        """Like :meth:`process`, for a video: unchanged (same size and mtime, or same hash, and the same
+        sampling) -> nothing embedded; an identical indexed video -> its entries copied; else sampled, embedded
+        and collapsed here (not in the decode pool's batches), its entries replacing the old ones at once."""
+        index, report = self.index, self.report
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            report.skipped.append((path, _stat_reason(path, e)))
+            return
+        if not stat.S_ISREG(st.st_mode):
+            report.skipped.append((path, "not a regular file"))
+            return
+        if path in self.region_spec:
+            report.skipped.append((path, "regions cannot be given for a video; a detector (--detect) finds "
+                                         "regions in its frames"))
+        rec = index.file_record(path)
+        same_sampling = rec is not None and rec.sampling == self.sampling_key
+        if same_sampling and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns:
+            if not self._video_regions(rec):
+                report.unchanged += 1
+            return
+        try:
+            digest, st = hash_file(path)
+        except OSError as e:
+            report.skipped.append((path, _stat_reason(path, e)))
+            return
+        if same_sampling and rec.hash == digest:  # touched, content unchanged
+            index.touch_file(rec.id, st.st_size, st.st_mtime_ns)
+            self._changed()
+            if not self._video_regions(rec):
+                report.unchanged += 1
+            return
+        if st.st_size and self._copy_twin(path, st, digest, rec, self.sampling_key):
+            return
+        entries = self._embed_video(path, detect=self.detector is not None)
+        if entries is None:
+            return
+        fid = index.put_file(path, size=st.st_size, mtime_ns=st.st_mtime_ns, digest=digest,
+                             date=iso_from_mtime(st.st_mtime_ns), date_source="mtime", width=entries.width,
+                             height=entries.height, detector=self.detector_name, sampling=self.sampling_key)
+        index.add_entries(fid, entries.vectors, entries.boxes, entries.sources, entries.spans)
+        report.frames += entries.sampled
+        report.frame_entries += entries.kept
+        report.regions += entries.regions
+        if rec is None:
+            report.added += 1
+        else:
+            report.updated += 1
+        self._changed()
+
+    def _embed_video(self, path: str, detect: bool, only_frames: dict | None = None):
+        """:func:`~shusheng.retrieval_index.video.embed_video` on one file; ``None`` (and the file listed as
+        skipped, with the reason) when it cannot be read."""
+        detector = None
+        if detect:
+            def detector(img, t):
+                return self._detect_image(f"{path} @ {t:.1f} s", img)
+        try:
+            return embed_video(path, self.embedder, self.sampling, batch_size=self.batch_size, detector=detector,
+                               max_pixels=self.max_pixels, pool=self.pool, only_frames=only_frames)
+        except VideoLoadError as e:
+            self.report.skipped.append((path, e.reason))
+        except OSError as e:
+            self.report.skipped.append((path, _stat_reason(path, e)))
+        except ImportError as e:  # PyAV missing: the images are still indexed
+            self.report.skipped.append((path, str(e)))
+        return None
+
+    def _video_regions(self, rec: FileRecord, count_update: bool = True) -> bool:
+        """Runs a new detector on the kept frames of an indexed video (only its region entries are replaced).
+        Returns whether it had to."""
+        if self.detector is None or rec.detector == self.detector_name:
+            return False
+        spans = {span[0]: span for span in self.index.frame_spans(rec.id)}
+        entries = self._embed_video(rec.path, detect=True, only_frames=spans)
+        if entries is None:
+            return True
+        self.index.remove_entries(rec.id, "detector")
+        self.index.add_entries(rec.id, entries.vectors, entries.boxes, "detector", entries.spans)
+        self.index.set_detector(rec.id, self.detector_name)
+        self.report.regions += entries.regions
+        if count_update:
+            self.report.updated += 1
+        self._changed()
         return True
 
     def _queue_regions(self, rec: FileRecord, count_update: bool = True) -> bool:
@@ -381,12 +526,17 @@ class _Ingest:
                     self.report.skipped.append((path, reason))
         self.pool.shutdown()
 
-    def _detect(self, job: _Job, prepared: PreparedImage) -> tuple[list[Box], list]:
+    def _detect_image(self, where: str, img: Image.Image) -> Sequence[Sequence[float]]:
+        """The detector's boxes on one full-resolution image or frame; none (and ``where`` listed as skipped)
+        when it fails."""
         try:
-            raw = self.detector(prepared.full)
+            return self.detector(img)
         except Exception as e:  # noqa: BLE001 - a user-supplied detector failing on one image must not end the run
-            self.report.skipped.append((job.path, f"detector failed ({type(e).__name__}: {e})"))
-            return [], []
+            self.report.skipped.append((where, f"detector failed ({type(e).__name__}: {e})"))
+            return []
+
+    def _detect(self, job: _Job, prepared: PreparedImage) -> tuple[list[Box], list]:
+        raw = self._detect_image(job.path, prepared.full)
         boxes, crops = [], []
         for box in raw:
             clipped, _ = clip_box(box, prepared.width, prepared.height)
@@ -454,6 +604,15 @@ class _Ingest:
         report.regions += len(vecs)
 
 
+def _single_file(path: Path, within: Sequence[str | os.PathLike] | None
+                 ) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """:func:`scan_folder`'s answer for one file given directly."""
+    allowed = None if within is None else [os.path.join(os.path.realpath(d), "") for d in within]
+    if allowed is not None and not os.path.realpath(path).startswith(tuple(allowed)):
+        return [], [(os.fspath(path), "symbolic link leads outside the allowed folders")], []
+    return [os.fspath(path)], [], []
+
+
 def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None = None,
                  embedder: Embedder | str | None = None, *, checkpoint: str | os.PathLike | None = None,
                  device: str | None = None, regions: Mapping[str, Any] | str | os.PathLike | None = None,
@@ -461,12 +620,14 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, include_hidden: bool = False,
                  progress: bool = True, workers: int | None = None,
                  within: Sequence[str | os.PathLike] | None = None, deadline: float | None = None,
-                 runtime: str = "torch") -> IngestReport:
-    """Indexes (or incrementally re-indexes) every image below ``folder``.
+                 runtime: str = "torch", videos: bool = True, video_fps: float | None = None,
+                 collapse: float | bool | None = None) -> IngestReport:
+    """Indexes (or incrementally re-indexes) every image and video below ``folder``.
 
     Args:
-        folder: the collection's root folder (scanned recursively, symlinks followed without loops).
-        index_path: the index folder; default ``folder/.shusheng-index``.
+        folder: the collection's root folder (scanned recursively, symlinks followed without loops), or one image
+            or video file.
+        index_path: the index folder; default ``folder/.shusheng-index`` (for a file: next to it).
         embedder: an :class:`~shusheng.retrieval_index.embedders.Embedder`, a registered name, or ``None``
             for the embedder recorded in an existing index (``"shusheng-mini-clip"`` for a new one).
         checkpoint, device: passed to :func:`~shusheng.retrieval_index.embedders.create_embedder` for a name.
@@ -491,6 +652,13 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
         runtime: what runs the embedder's image side: ``"torch"`` (default), ``"onnxruntime"``, ``"tensorrt"``
             or ``"auto"`` (the fastest valid one here, never slower than torch; shusheng-mini-clip only, see
             :func:`~shusheng.retrieval_index.embedders.with_runtime`). Vectors match torch's to ~1e-6.
+        videos: also index video files (``VIDEO_EXTENSIONS``; needs PyAV, else each video is listed as skipped).
+            With ``False`` videos are not looked at (and those indexed before are dropped, as deleted files are).
+        video_fps: frames sampled per second of video (default: the rate recorded in the index, else 1); stored
+            in the index. Videos indexed at another rate are sampled again.
+        collapse: consecutive sampled frames whose embeddings have a cosine at least this with the first frame of
+            their run become one entry spanning their times (default: the index's, else 0.98); ``False``: every
+            sampled frame is an entry.
 
     Returns:
         The :class:`IngestReport` of the run.
@@ -504,21 +672,32 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
 
     t0 = time.perf_counter()
     root = Path(folder).expanduser().absolute()
+    extensions = MEDIA_EXTENSIONS if videos else tuple(IMAGE_EXTENSIONS)
     if not root.exists():
         raise FileNotFoundError(f"folder {os.fspath(root)!r} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"{os.fspath(root)!r} is not a folder")
-    index_path = Path(index_path).expanduser().absolute() if index_path else root / DEFAULT_INDEX_DIRNAME
+    single = not root.is_dir()
+    if single and not (root.is_file() and root.suffix.lower() in extensions):
+        raise NotADirectoryError(f"{os.fspath(root)!r} is not a folder" + (
+            ", an image or a video" if videos else " or an image"))
+    base = root.parent if single else root
+    index_path = Path(index_path).expanduser().absolute() if index_path else base / DEFAULT_INDEX_DIRNAME
     embedder, checkpoint = resolve_embedder(embedder, index_path, checkpoint, device, runtime)
-    region_spec = load_regions(regions, root)
+    region_spec = load_regions(regions, base)
     report = IngestReport(index_path=os.fspath(index_path))
     workers = workers or min(4, os.cpu_count() or 1)
     with Index.open(index_path, create=True, embedder=embedder, checkpoint=checkpoint) as index:
-        limit = {} if within is None else {"within": within}  # the old call when unused (wrappers of scan_folder)
-        files, scan_skipped, unlisted = scan_folder(root, skip=[index_path], include_hidden=include_hidden, **limit)
+        sampling = resolve_sampling(index.video_sampling, video_fps, collapse)
+        if single:
+            files, scan_skipped, unlisted = _single_file(root, within)
+        else:
+            limit = {} if within is None else {"within": within}  # the old call when unused (wrappers)
+            if not videos:
+                limit["extensions"] = extensions
+            files, scan_skipped, unlisted = scan_folder(root, skip=[index_path], include_hidden=include_hidden,
+                                                        **limit)
         report.skipped.extend(scan_skipped)
         run = _Ingest(index, embedder, report, region_spec=region_spec, detector=detector, batch_size=batch_size,
-                      commit_every=commit_every, max_pixels=max_pixels, workers=workers)
+                      commit_every=commit_every, max_pixels=max_pixels, workers=workers, sampling=sampling)
         try:
             for n, path in enumerate(tqdm(files, desc="indexing", unit="file", disable=not progress)):
                 if deadline is not None and time.monotonic() >= deadline:
@@ -533,11 +712,13 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
         for path in sorted(set(region_spec) - found):
             report.skipped.append((path, "regions given for a file that is not an image in the folder"))
         keep_prefixes = tuple(os.path.join(d, "") for d in unlisted)
-        for path in index.paths_under(root):
+        for path in [] if single else index.paths_under(root):
             if path not in found and not path.startswith(keep_prefixes):
                 index.remove(path)
                 report.removed += 1
         index.set_root(root)
+        if videos and index.video_sampling != sampling:
+            index.set_video_sampling(sampling)
         index.commit(write_vectors=True)
     report.seconds = time.perf_counter() - t0
     logger.info("indexed %s into %s: %s", root, index_path, report.summary())

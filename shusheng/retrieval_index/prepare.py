@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONTEXT_PAD", "EMBED_MIN_SIDE", "PreparedImage", "clip_box", "crop_with_context", "downscale", "exif_date",
-    "file_digest", "iso_from_mtime", "prepare_file", "read_file",
+    "file_digest", "hash_file", "iso_from_mtime", "prepare_file", "read_file",
 ]
 
 #: Images are downscaled (never upscaled) so that their shorter side is this many pixels before embedding:
@@ -123,6 +123,22 @@ def read_file(path: str) -> tuple[bytes, os.stat_result]:
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         return f.read(), st
+
+
+def hash_file(path: str, chunk: int = 1 << 20) -> tuple[str, os.stat_result]:
+    """:func:`file_digest` and stat of a regular file, read in chunks (videos: never the whole file in memory).
+
+    Raises:
+        OSError: unreadable, or not a regular file.
+    """
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest(), st
 
 
 def prepare_file(path: str, boxes: Sequence[Sequence[float]] | None = None, *, data: bytes | None = None,

@@ -24,11 +24,14 @@ crosswalk, speed limit, vehicle count, nearest vehicle) and shows each answer wi
 boxes drawn on the image.
 """
 
+import logging
 import math
 import threading
 from typing import Any  # no postponed annotations here: Gradio reads the event-data annotation of `pick`
 
 from shusheng.apps.tabs import AppContext, TabUnavailable, image_input, import_gradio, upload_error
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TAB", "CaptionVQATab", "answer_question", "answer_with_notice", "caption_and_vqa_tab", "caption_image",
            "caption_with_notice", "checklist_with_notice", "domain_notice", "sample_images"]
@@ -261,8 +264,13 @@ class CaptionVQATab:
             raise TabUnavailable(self._missing(str(e))) from e
         from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
 
-        vqa = VQAPipeline(captioner.model, captioner.domain_check)
-        caption_and_vqa_tab(captioner, vqa, ctx=ctx, checklist=DrivingChecklist(vqa))
+        vqa = VQAPipeline(captioner.model, getattr(captioner, "domain_check", None))
+        try:  # the checklist's evidence boxes need the tower's dense head; without one, no button
+            checklist = DrivingChecklist(vqa)
+        except (ValueError, AttributeError) as e:
+            logger.info("no driving checklist in the Caption & VQA tab: %s", e)
+            checklist = None
+        caption_and_vqa_tab(captioner, vqa, ctx=ctx, checklist=checklist)
 
     @staticmethod
     def _missing(detail: str) -> str:

@@ -10,7 +10,9 @@
   both (the query is then the normalised sum of the two),
   the number of results ``k``, a cosine-score threshold and an optional folder glob (``*/night/*``);
 * a gallery of the hits, best first, captioned ``score 0.83 · path``; a region hit (a box inside an image that
-  beat the whole image) is shown with its box drawn on the picture.
+  beat the whole image) is shown with its box drawn on the picture. A video hit is shown as its frame, read from
+  the video at the hit's time when it is shown (only from videos inside the index's own collection and the app's
+  allowed folders), captioned ``score 0.83 · path @ 12.0 s``, with region boxes drawn as on images.
 
 Bad input (no query, an unreadable image or a decompression bomb, a folder outside the allowed ones, a missing
 folder, an index built with another embedder, a locked index) is reported with ``gr.Error`` / ``gr.Warning``
@@ -76,17 +78,26 @@ def _display_scale(width: int, height: int) -> float:
 
 
 def render_hit(hit: SearchHit) -> Image.Image:
-    """The picture of a hit for the gallery: loaded upright, scaled for display, with the box of a region hit
-    drawn on it.
+    """The picture of a hit for the gallery: loaded upright (a video hit: its frame at ``hit.time``), scaled for
+    display, with the box of a region hit drawn on it.
+
+    The caller checks that the file may be read (:meth:`SearchApp.search` does).
 
     Raises:
-        shusheng.data.ImageLoadError: the file cannot be read any more (moved, deleted, damaged).
+        shusheng.data.ImageLoadError: the image cannot be read any more (moved, deleted, damaged).
+        shusheng.data.VideoLoadError: the same for a video, or it has no frame at that time.
+        ImportError: a video hit without PyAV installed.
     """
     from PIL import Image, ImageDraw
 
-    from shusheng.data import load_image
+    if hit.is_video:
+        from shusheng.retrieval_index.video import read_frame
 
-    img = load_image(hit.path)
+        img = read_frame(hit.path, hit.time)
+    else:
+        from shusheng.data import load_image
+
+        img = load_image(hit.path)
     s = _display_scale(*img.size)
     if s != 1.0:
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.LANCZOS)
@@ -114,6 +125,8 @@ def _short_path(path: str, root: str | None) -> str:
 
 def _caption(hit: SearchHit, root: str | None) -> str:
     text = f"score {hit.score:.2f} · {_short_path(hit.path, root)}"
+    if hit.is_video:
+        text += f" @ {hit.when}"
     if hit.box is not None:
         x, y, w, h = hit.box
         text += f" · region {w}×{h} at ({x}, {y})"
@@ -260,7 +273,10 @@ class SearchApp:
         except UserInputError as e:
             return str(e)
         regions = f" + {stats['region_entries']} regions" if stats["region_entries"] else ""
-        return (f"Index `{stats['path']}`: {stats['files']} images{regions}, embedder `{stats['embedder']}`, "
+        videos = stats.get("videos", 0)
+        files = (f"{stats['files'] - videos} images + {videos} videos ({stats['frame_entries']} frames)" if videos
+                 else f"{stats['files']} images")
+        return (f"Index `{stats['path']}`: {files}{regions}, embedder `{stats['embedder']}`, "
                 f"{stats['index_type']}")
 
     # -- actions ----------------------------------------------------------------------------------------------
@@ -345,7 +361,8 @@ class SearchApp:
         Raises:
             UserInputError: no query, an unreadable query image, bad ``k``/threshold, no index.
         """
-        from shusheng.data import ImageLoadError
+        from shusheng.apps.safety import within
+        from shusheng.data import ImageLoadError, VideoLoadError
 
         text = (text or "").strip() or None
         if text is None and image is None:
@@ -380,15 +397,23 @@ class SearchApp:
 
         root = self.folder if index_path is None or index_path == self.index_path else None
         items, warnings, unreadable, shown_hits = [], [], [], []
+        collection = None  # the index's own folders: the only places video frames are read from
         for hit in hits:
             if not self.policy.contains(hit.path):
                 unreadable.append(f"{hit.path} (outside the folders this app may show)")
                 continue
+            if hit.is_video:
+                collection = reader.roots if collection is None else collection
+                if not within(hit.path, collection):
+                    unreadable.append(f"{hit.path} (outside the folders this index was built from)")
+                    continue
             try:
                 items.append((render_hit(hit), _caption(hit, root)))
                 shown_hits.append(hit)
-            except ImageLoadError as e:
+            except (ImageLoadError, VideoLoadError) as e:
                 unreadable.append(f"{hit.path} ({e.reason})")
+            except ImportError as e:  # a video hit without PyAV
+                unreadable.append(f"{hit.path} ({e})")
         what = " + ".join(p for p in (f"“{text}”" if text else None, "the query image" if image is not None
                                        else None) if p)
         filters = []
@@ -455,7 +480,7 @@ class SearchTab:
 
         with gr.Tab(self.title):
             with gr.Row():
-                folder_box = gr.Textbox(value=app.folder or "", label="Folder of images", scale=4,
+                folder_box = gr.Textbox(value=app.folder or "", label="Folder of images and videos", scale=4,
                                         placeholder="/path/to/pictures", elem_id="folder")
                 index_button = gr.Button("Index folder", scale=1, elem_id="index-button")
             index_info = gr.Markdown(app.describe(), label="Index", elem_id="index-info")
