@@ -13,7 +13,10 @@ a drive, as ``drive_qa.py --every`` reads them) times every question of the set 
 * **question-only baseline**: the best constant answer per question (the most frequent true answer of the set
   itself, so no blind answerer can beat it);
 * **upper bound**: the answers the same rules give from the true per-frame facts (1 for frame questions; for
-  temporal ones, the loss of answering from sampled frames without tracking who is who).
+  temporal ones, the loss of answering from sampled frames without tracking who is who);
+* **balanced accuracy**: the mean over true answers of the share answered right (recall per class). Rare events
+  ("did the light change?", yes in about one frame in five) make plain accuracy mostly a count of the common
+  answer: a constant answer has balanced accuracy 1 / (number of true answers), whatever their frequencies.
 
 The same inputs always give the same scores (everything is sorted; no randomness). Output: a markdown table on
 stdout and optionally JSON (``--json``) and markdown (``--md``) files.
@@ -137,6 +140,7 @@ def score(results: Path, truth_dir: Path, questions_file: str | None = None, eve
                 upper[(key, idx, qid)] = v["answer"]
 
     per_q = defaultdict(lambda: Counter())
+    per_class = defaultdict(lambda: defaultdict(Counter))  # question -> true answer -> {n, correct, baseline}
     per_source = defaultdict(lambda: Counter())
     truths = defaultdict(list)
     items = []
@@ -156,6 +160,10 @@ def score(results: Path, truth_dir: Path, questions_file: str | None = None, eve
         c["correct"] += correct(q, a, t, tolerance)
         c["baseline"] += correct(q, baseline[q.id], t, tolerance)
         c["upper"] += correct(q, upper.get((key, idx, q.id), t) if q.is_temporal else t, t, tolerance)
+        k = per_class[q.id][t]
+        k["n"] += 1
+        k["correct"] += correct(q, a, t, tolerance)
+        k["baseline"] += correct(q, baseline[q.id], t, tolerance)
         per_source[key]["n"] += 1
         per_source[key]["correct"] += correct(q, a, t, tolerance)
     rows = []
@@ -163,9 +171,13 @@ def score(results: Path, truth_dir: Path, questions_file: str | None = None, eve
         c = per_q.get(q.id)
         if not c:
             continue
+        classes = per_class[q.id].values()
         rows.append({"question": q.id, "accuracy": c["correct"] / c["n"], "question_only": c["baseline"] / c["n"],
                      "upper_bound": c["upper"] / c["n"], "n": c["n"], "missing": c["missing"],
-                     "baseline_answer": baseline[q.id]})
+                     "baseline_answer": baseline[q.id],
+                     "balanced_accuracy": sum(k["correct"] / k["n"] for k in classes) / len(classes),
+                     "balanced_question_only": sum(k["baseline"] / k["n"] for k in classes) / len(classes),
+                     "true_answers": len(classes)})
     n_all = sum(c["n"] for c in per_q.values())
     return {"rows": rows,
             "overall": {"accuracy": sum(c["correct"] for c in per_q.values()) / max(1, n_all),
@@ -179,10 +191,13 @@ def score(results: Path, truth_dir: Path, questions_file: str | None = None, eve
 
 
 def markdown(s: dict) -> str:
-    out = ["| question | accuracy | question-only | upper bound | n | missing |", "|---|---|---|---|---|---|"]
+    out = ["| question | accuracy | question-only | upper bound | balanced accuracy | balanced question-only | n "
+           "| missing |", "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"] + [{"question": "**overall**", **s["overall"]}]:
+        bal = (f"{r['balanced_accuracy']:.3f} | {r['balanced_question_only']:.3f}" if "balanced_accuracy" in r
+               else " | ")
         out.append(f"| {r['question']} | {r['accuracy']:.3f} | {r['question_only']:.3f} | {r['upper_bound']:.3f} "
-                   f"| {r['n']} | {r['missing']} |")
+                   f"| {bal} | {r['n']} | {r['missing']} |")
     out.append("")
     out.append(f"{s['lines']} lines: {s['invalid_lines']} invalid, {s['unmatched_lines']} without ground truth, "
                f"{s['duplicate_lines']} duplicates; valid share {s['valid_share']:.3f}")
