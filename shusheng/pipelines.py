@@ -5,7 +5,7 @@ A pipeline wraps a model (a :class:`~shusheng.modeling.PretrainedMixin`) and ans
 a dataclass of per-item results. What the base gives every pipeline:
 
 * ``from_pretrained(path=None)``: a model folder, or the bundled model when ``path`` is None;
-* :meth:`Pipeline.stream`: images are decoded batch by batch through ``shusheng.data.load_image`` and the
+* :meth:`Pipeline.batches`: images are decoded batch by batch through ``shusheng.data.load_image`` and the
   model's own transform (``modeling.resolve_transform``), so memory stays flat however many inputs a call gets;
   a file that cannot be loaded fails its own item (``errors[i]``) instead of the whole call;
 * ``in_domain`` / ``domain_score`` for every item, from the :class:`DomainCheck` stored with the weights;
@@ -64,7 +64,7 @@ def as_image_list(images: Any) -> list:
 class Batch:
     """One streamed batch: ``pixels[j]`` is input ``index[j]``; ``errors`` holds ``(input index, message)`` of
     the inputs of this stretch that could not be loaded; ``sizes[j]`` is the ``(width, height)`` of input
-    ``index[j]`` as loaded (before the transform). With ``stream(..., own_size=True)`` the images are the list
+    ``index[j]`` as loaded (before the transform). With ``batches(..., own_size=True)`` the images are the list
     ``images`` of ``(3, H_j, W_j)`` tensors in [0, 1] instead."""
 
     index: list[int]
@@ -281,7 +281,7 @@ class Pipeline:
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
-    def stream(self, images: Sequence[Any], batch_size: int, on_error: str = "item",
+    def batches(self, images: Sequence[Any], batch_size: int, on_error: str = "item",
                own_size: bool = False) -> Iterator[Batch]:
         """Decode and transform ``images`` ``batch_size`` at a time.
 

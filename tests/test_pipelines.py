@@ -42,7 +42,7 @@ def _img(seed=0, size=40):
 
 def test_stream_decodes_one_batch_at_a_time_and_reports_bad_items():
     images = _Counting([_img(0), b"not an image", _img(1), _img(2), _img(3)])
-    batches = _pipe().stream(images, batch_size=2)
+    batches = _pipe().batches(images, batch_size=2)
     first = next(batches)
     assert images.read == [0, 1]  # nothing past the first batch has been touched
     assert first.index == [0] and first.pixels.shape == (1, 3, 64, 64)  # internimage_test: 64 px
@@ -50,11 +50,11 @@ def test_stream_decodes_one_batch_at_a_time_and_reports_bad_items():
     rest = list(batches)
     assert [b.index for b in rest] == [[2, 3], [4]] and images.read == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="cannot load image"):
-        list(_pipe().stream([b"junk"], batch_size=1, on_error="raise"))
+        list(_pipe().batches([b"junk"], batch_size=1, on_error="raise"))
 
 
 def test_all_items_of_a_batch_failing_gives_no_pixels():
-    (batch,) = list(_pipe().stream([b"x", b"y"], batch_size=4))
+    (batch,) = list(_pipe().batches([b"x", b"y"], batch_size=4))
     assert batch.pixels is None and [i for i, _ in batch.errors] == [0, 1]
 
 
@@ -130,7 +130,7 @@ def test_bundled_model_knows_its_domain(name):
 
 def test_stream_can_keep_each_image_at_its_own_size():
     wide, tall = _img(0, 40).resize((50, 30)), _img(1, 40).resize((20, 36))
-    (batch,) = list(_pipe().stream([wide, b"junk", tall], batch_size=3, own_size=True))
+    (batch,) = list(_pipe().batches([wide, b"junk", tall], batch_size=3, own_size=True))
     assert batch.pixels is None and batch.index == [0, 2] and batch.errors[0][0] == 1
     assert [tuple(t.shape) for t in batch.images] == [(3, 30, 50), (3, 36, 20)]
     assert all(0.0 <= float(t.min()) and float(t.max()) <= 1.0 for t in batch.images)

@@ -106,7 +106,7 @@ class DetectionPipeline(Pipeline):
         n = len(images)
         out = {"detections": [None] * n, "sizes": [None] * n, **self._empty(n)}
         with torch.inference_mode():
-            for batch in self.stream(images, batch_size, on_error, own_size=True):
+            for batch in self.batches(images, batch_size, on_error, own_size=True):
                 results = self.model(batch.images) if batch.images else []
                 for i, img, res in zip(batch.index, batch.images, results):
                     out["sizes"][i] = (int(img.shape[2]), int(img.shape[1]))

@@ -77,7 +77,7 @@ class EmbeddingPipeline(Pipeline):
         out = self._empty(n)
         emb = np.full((n, self.model.dim), np.nan, dtype=np.float32)
         with torch.inference_mode():
-            for batch in self.stream(images, batch_size, on_error):
+            for batch in self.batches(images, batch_size, on_error):
                 if batch.pixels is None:
                     self._fill(out, batch, [], [])
                     continue

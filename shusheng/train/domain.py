@@ -46,7 +46,7 @@ def _features(pipe, seed: int, n: int, size: int, batch_size: int, desc: str):
     with torch.inference_mode():
         for s in tqdm(range(0, n, batch_size), desc=desc, mininterval=5):
             images = [sd.sample(seed, i, size)[0] for i in range(s, min(n, s + batch_size))]
-            for b in pipe.stream(images, batch_size, on_error="raise"):
+            for b in pipe.batches(images, batch_size, on_error="raise"):
                 rows.append(pipe.domain_features(b.pixels).float().cpu().numpy())
     return torch.from_numpy(np.concatenate(rows))
 

@@ -21,6 +21,8 @@ TRAIN_COMMANDS: dict[str, str] = {
     "shusheng-mini-clip": "shusheng train clip --export-dir shusheng/weights/shusheng-mini-clip",
     "shusheng-mini-uniperceiver": "shusheng train uniperceiver (the stages and exact flags are in "
                                   "shusheng/weights/shusheng-mini-uniperceiver/MODEL_CARD.md)",
+    "shusheng-mini-bridge": "shusheng train bridge --output runs/bridge (see docs/llm.md); then copy "
+                            "runs/bridge/final to shusheng/weights/shusheng-mini-bridge",
 }
 
 

@@ -158,7 +158,7 @@ class CaptionPipeline(_UniPerceiverPipeline):
         with torch.inference_mode():
             # 2. encode the vocabulary targets once
             vocab = self.model.vocab_features()
-            for batch in self.stream(images, batch_size, on_error):
+            for batch in self.batches(images, batch_size, on_error):
                 if batch.pixels is None:
                     self._fill(out, batch, [], [])
                     continue
@@ -227,7 +227,7 @@ class VQAPipeline(_UniPerceiverPipeline):
         with torch.inference_mode():
             # 2. encode the targets once (answers or vocabulary)
             feats = self.model.text_features(cands) if mode == "match" else self.model.vocab_features()
-            for batch in self.stream(images, batch_size, on_error):
+            for batch in self.batches(images, batch_size, on_error):
                 if batch.pixels is None:
                     self._fill(out, batch, [], [])
                     continue

@@ -246,7 +246,7 @@ class DrivingChecklist:
         model = self.vqa.model
         out = {"results": [None] * n, "detections": [None] * n, **self.vqa._empty(n)}
         group_of = {self.labels[k]: g for g, (a, b) in DENSE_OBJECT_GROUPS.items() for k in range(a, b)}
-        for batch in self.vqa.stream(images, batch_size, on_error):
+        for batch in self.vqa.batches(images, batch_size, on_error):
             if batch.pixels is None:
                 self.vqa._fill(out, batch, [], [])
                 continue
