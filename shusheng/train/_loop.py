@@ -7,15 +7,21 @@ whatever was registered for checkpointing) and ``progress.json`` (the loop's own
 last, so a folder without it is incomplete and ignored). The learning rate is a pure function of the step
 (:func:`warmup_cosine`, applied with :func:`set_lr`), so a resumed run needs no scheduler state to follow the
 uninterrupted one.
+
+The command line of a trainer is its config dataclass: :func:`add_config_arguments` makes one flag per field,
+:func:`config_from_args` turns the parsed flags back into the config, :func:`print_metrics` reports a run and
+:func:`run_main` is the ``python -m shusheng.train.<task>`` entry point.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +33,10 @@ from shusheng._deps import require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["checkpoint_dirs", "load_checkpoint", "no_weight_decay", "param_groups", "plot_history", "prune",
-           "resume_dir", "save_checkpoint", "scaled_ema_decay", "scaled_warmup", "set_lr", "sorted_by_step",
-           "warmup_cosine"]
+__all__ = ["LOG_FORMAT", "NONE_STRINGS", "add_config_arguments", "checkpoint_dirs", "config_from_args",
+           "load_checkpoint", "no_weight_decay", "param_groups", "plot_history", "print_metrics", "prune",
+           "resume_dir", "run_main", "save_checkpoint", "scaled_ema_decay", "scaled_warmup", "set_lr",
+           "sorted_by_step", "warmup_cosine"]
 
 # --------------------------------------------------------------------------------------------------------
 # Checkpoints and resume
@@ -230,3 +237,103 @@ def plot_history(history: Sequence[dict[str, float]], path: str | Path, losses: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line: config dataclass <-> flags
+# --------------------------------------------------------------------------------------------------------
+
+#: the log line of ``python -m shusheng.train.<task>``
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: what :func:`config_from_args` reads as None in the fields named by ``none_strings_for``
+NONE_STRINGS = ("none", "None", "")
+
+
+def _int_tuple(s: str) -> tuple[int, ...]:
+    """``"1,1,3,1"`` → ``(1, 1, 3, 1)``: the flag type of a tuple-of-int field."""
+    return tuple(int(x) for x in s.split(","))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, json_fields: Collection[str] = (),
+                         optional_types: Mapping[str, Callable[[str], Any]] | None = None,
+                         help: Mapping[str, str] | None = None, skip: Collection[str] = ()) -> None:
+    """One flag per field of the dataclass ``config_cls``, in field order, defaulting to ``config_cls()``'s value.
+
+    A field ``some_name`` becomes ``--some-name``; how its string is read depends on the default:
+
+    * a name in ``json_fields``: a JSON document (``json.loads``; e.g. a dict of model arguments; help
+      "JSON dict" unless ``help`` says otherwise);
+    * a bool: ``--some-name`` / ``--no-some-name`` (``argparse.BooleanOptionalAction``);
+    * None: ``optional_types[name]`` (default ``str``), since the default cannot say;
+    * a tuple of ints: comma-separated integers (``--depths 1,1,3,1``);
+    * anything else: the default's type (``int``, ``float``, ``str``).
+
+    Args:
+        parser: receives the flags.
+        config_cls: a dataclass whose fields all have defaults.
+        json_fields: fields read as JSON.
+        optional_types: per field with a None default, the flag's type (default ``str``).
+        help: per field, the flag's help text (default none).
+        skip: fields that get no flag here (e.g. ones the caller adds by hand, or internal ``extra`` dicts).
+
+    Raises:
+        TypeError: a field's default is a container other than a tuple of ints and the field is neither in
+            ``json_fields`` nor in ``skip``.
+    """
+    optional_types, help = optional_types or {}, help or {}
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        name = f.name
+        if name in skip:
+            continue
+        value = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        if name in json_fields:
+            parser.add_argument(flag, type=json.loads, default=value, help=help.get(name, "JSON dict"))
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help.get(name))
+        elif value is None:
+            parser.add_argument(flag, type=optional_types.get(name, str), default=None, help=help.get(name))
+        elif isinstance(value, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            parser.add_argument(flag, type=_int_tuple, default=value,
+                                help=help.get(name, "comma-separated integers"))
+        elif isinstance(value, (dict, list, tuple, set)):
+            raise TypeError(f"{config_cls.__name__}.{name}: a {type(value).__name__} default has no flag type; "
+                            f"name it in json_fields or skip")
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=help.get(name))
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, *, none_strings_for: Collection[str] = ()):
+    """``config_cls`` from the parsed flags: every attribute of ``args`` named like a field (others, e.g. the
+    sub-command, are ignored); in the fields ``none_strings_for`` a value of :data:`NONE_STRINGS` (``"none"``,
+    ``"None"``, ``""``) becomes None, so a field with a non-None default can be switched off from the command
+    line (``--tower-init none``)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    for name in none_strings_for:
+        if isinstance(kw.get(name), str) and kw[name] in NONE_STRINGS:
+            kw[name] = None
+    return config_cls(**kw)
+
+
+def print_metrics(metrics: Mapping[str, Any]) -> int:
+    """Print a run's metrics as one JSON line (what ``shusheng train <task>`` ends with); returns 0, the exit
+    status."""
+    print(json.dumps(metrics))
+    return 0
+
+
+def run_main(prog: str, doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None, *,
+             log_format: str = LOG_FORMAT) -> int:
+    """The ``python -m shusheng.train.<task>`` entry point: parse ``argv`` (None = ``sys.argv[1:]``) with the
+    flags of ``add_arguments`` (``--help`` shows ``doc``, the module docstring, as written), log INFO to stderr
+    in ``log_format`` (unless logging is already configured) and return ``run(args)``, the exit status."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    return run(args)

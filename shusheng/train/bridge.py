@@ -328,43 +328,25 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
 # CLI
 # --------------------------------------------------------------------------------------------------------
 
-_OPTIONAL_TYPES = {"n_train": int, "max_minutes": float, "time_budget_min": float, "projector_hidden": int}
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    for name, value in asdict(BridgeTrainConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if name == "tower_args":
-            p.add_argument(flag, type=json.loads, default=value, help="JSON dict of tower arguments")
-        elif isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif value is None:
-            p.add_argument(flag, type=_OPTIONAL_TYPES.get(name, str), default=None)
-        else:
-            p.add_argument(flag, type=type(value), default=value)
+    """One flag per :class:`BridgeTrainConfig` field (``--tower-args`` is JSON)."""
+    _loop.add_config_arguments(p, BridgeTrainConfig, json_fields=("tower_args",),
+                               optional_types={"n_train": int, "max_minutes": float, "time_budget_min": float,
+                                               "projector_hidden": int},
+                               help={"tower_args": "JSON dict of tower arguments"})
 
 
 def config_from_args(args: argparse.Namespace) -> BridgeTrainConfig:
-    fields = BridgeTrainConfig.__dataclass_fields__
-    kw = {k: v for k, v in vars(args).items() if k in fields}
-    if kw.get("tower_init") in ("none", "None", ""):
-        kw["tower_init"] = None
-    return BridgeTrainConfig(**kw)
+    """The run of the parsed flags (``--tower-init none`` = a randomly initialised tower)."""
+    return _loop.config_from_args(BridgeTrainConfig, args, none_strings_for=("tower_init",))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    m = train(config_from_args(args))
-    print(json.dumps(m))
-    return 0
+    return _loop.print_metrics(train(config_from_args(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shusheng.train.bridge", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_train(args)
+    return _loop.run_main("python -m shusheng.train.bridge", __doc__, add_train_arguments, run_train, argv)
 
 
 if __name__ == "__main__":

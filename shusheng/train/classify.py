@@ -481,22 +481,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=RECIPES, default=d.recipe,
                    help="warm-up and EMA decay scaled to the run's length (default) or the official 20 epochs and "
                         "0.9999 whatever the length")
-    helps = {"warmup_epochs": "warm-up epochs (default: from --recipe)",
-             "ema_decay": "EMA decay (default: from --recipe; 0 = no EMA)"}
-    for name, value in asdict(d).items():
-        if name in ("data_dir", "val_dir", "output", "recipe", "extra"):
-            continue
-        flag = "--" + name.replace("_", "-")
-        kind = type(value) if value is not None else (
-            float if name in ("layer_decay", "dcn_lr_mul", "ema_decay", "warmup_epochs") else
-            int if name == "max_steps" else str)
-        p.add_argument(flag, type=kind, default=value, help=helps.get(name))
+    _loop.add_config_arguments(
+        p, ClassifyConfig, skip=("data_dir", "val_dir", "output", "recipe", "extra"),
+        optional_types={"layer_decay": float, "dcn_lr_mul": float, "ema_decay": float, "warmup_epochs": float,
+                        "max_steps": int},
+        help={"warmup_epochs": "warm-up epochs (default: from --recipe)",
+              "ema_decay": "EMA decay (default: from --recipe; 0 = no EMA)"})
     p.add_argument("--no-ema", dest="ema_decay", action="store_const", const=0.0, help="disable EMA")
 
 
 def config_from_args(args: argparse.Namespace) -> ClassifyConfig:
-    fields = ClassifyConfig.__dataclass_fields__
-    return ClassifyConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    return _loop.config_from_args(ClassifyConfig, args)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -517,18 +512,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    m = train(config_from_args(args))
-    print(json.dumps(m))
-    return 0
+    return _loop.print_metrics(train(config_from_args(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shusheng.train.classify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_train(args)
+    return _loop.run_main("python -m shusheng.train.classify", __doc__, add_train_arguments, run_train, argv,
+                          log_format="%(levelname)s %(name)s: %(message)s")
 
 
 if __name__ == "__main__":

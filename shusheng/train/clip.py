@@ -666,31 +666,13 @@ def write_model_card(path: Path, cfg: ClipConfig, metrics: dict, dtype: str, not
 # CLI
 # --------------------------------------------------------------------------------------------------------
 
-def _int_tuple(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.split(","))
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = ClipConfig()
-    for f in fields(ClipConfig):
-        if f.name == "extra":
-            continue
-        value = getattr(d, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif isinstance(value, tuple):
-            p.add_argument(flag, type=_int_tuple, default=value, help="comma-separated integers")
-        elif value is None:
-            kind = int if f.name == "max_steps" else str
-            p.add_argument(flag, type=kind, default=None)
-        else:
-            p.add_argument(flag, type=type(value), default=value)
+    """One flag per :class:`ClipConfig` field but ``extra`` (``--depths``/``--groups``: comma-separated)."""
+    _loop.add_config_arguments(p, ClipConfig, optional_types={"max_steps": int}, skip=("extra",))
 
 
 def config_from_args(args: argparse.Namespace) -> ClipConfig:
-    names = {f.name for f in fields(ClipConfig)}
-    return ClipConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return _loop.config_from_args(ClipConfig, args)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -698,18 +680,11 @@ def run_train(args: argparse.Namespace) -> int:
     summary = {k: v for k, v in m.items() if k != "test"}
     if "test" in m:
         summary["test"] = {k: v["p_at_k"] for k, v in m["test"].items()}
-    print(json.dumps(summary))
-    return 0
+    return _loop.print_metrics(summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shusheng.train.clip", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(p)
-    args = p.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_train(args)
+    return _loop.run_main("python -m shusheng.train.clip", __doc__, add_train_arguments, run_train, argv)
 
 
 if __name__ == "__main__":

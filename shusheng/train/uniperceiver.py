@@ -529,41 +529,23 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = UniPerceiverTrainConfig()
-    for name, value in asdict(d).items():
-        flag = "--" + name.replace("_", "-")
-        if name == "backbone_args":
-            p.add_argument(flag, type=json.loads, default=value, help="JSON dict of backbone arguments")
-        elif isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif value is None:
-            kind = {"n_train": int, "max_minutes": float, "time_budget_min": float}.get(name, str)
-            p.add_argument(flag, type=kind, default=None)
-        else:
-            p.add_argument(flag, type=type(value), default=value)
+    """One flag per :class:`UniPerceiverTrainConfig` field (``--backbone-args`` is JSON)."""
+    _loop.add_config_arguments(p, UniPerceiverTrainConfig, json_fields=("backbone_args",),
+                               optional_types={"n_train": int, "max_minutes": float, "time_budget_min": float},
+                               help={"backbone_args": "JSON dict of backbone arguments"})
 
 
 def config_from_args(args: argparse.Namespace) -> UniPerceiverTrainConfig:
-    fields = UniPerceiverTrainConfig.__dataclass_fields__
-    kw = {k: v for k, v in vars(args).items() if k in fields}
-    if kw.get("text_init") in ("none", "None", ""):
-        kw["text_init"] = None
-    return UniPerceiverTrainConfig(**kw)
+    """The run of the parsed flags (``--text-init none`` = a randomly initialised text encoder)."""
+    return _loop.config_from_args(UniPerceiverTrainConfig, args, none_strings_for=("text_init",))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    m = train(config_from_args(args))
-    print(json.dumps(m))
-    return 0
+    return _loop.print_metrics(train(config_from_args(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shusheng.train.uniperceiver", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_train(args)
+    return _loop.run_main("python -m shusheng.train.uniperceiver", __doc__, add_train_arguments, run_train, argv)
 
 
 if __name__ == "__main__":
