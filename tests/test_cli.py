@@ -135,7 +135,7 @@ def test_apps_import_neither_gradio_nor_torch():
         "from shusheng.apps.tabs import TAB_MODULES, load_tabs\n"
         "tabs = load_tabs()\n"
         "print(len(tabs), sorted(m for m in ('gradio', 'torch') if m in sys.modules))\n")
-    assert out == "2 []"
+    assert out == "3 []"
 
 
 def test_console_script_and_python_m():

@@ -7,6 +7,7 @@ Examples::
     shusheng demo --n 60 --port 7861 --no-browser
     shusheng demo --collection ~/Pictures          # search your own folder instead
     shusheng demo --checkpoint runs/clip/final     # another save_pretrained folder of shusheng-mini-clip
+    shusheng demo --bridge runs/bridge/final       # the Chat tab with a bridge trained by shusheng train bridge
 
 First run: renders ``--n`` SynthDrive scenes (train split, seed 0, 128 px, the embedder's training resolution)
 into the cache folder ``$SHUSHENG_CACHE_DIR/demo/`` (default ``~/.cache/shusheng/demo/``) and indexes them with the
@@ -81,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=False,
                         help="also index the larger vehicles of the sample scenes (their ground-truth boxes) as "
                              "regions of their own, so that a hit can be a box inside a picture (default: off)")
+    parser.add_argument("--bridge", metavar="DIR",
+                        help="a trained LLM bridge folder for the Chat tab (shusheng train bridge writes "
+                             "<output>/final; default: the bundled shusheng-mini-bridge, not bundled yet)")
     access = parser.add_argument_group("access (serving beyond 127.0.0.1 needs a password)")
     access.add_argument("--auth", action="append", metavar="USER:PASSWORD",
                         help="an account of the login page (repeatable; visible to other users of this machine in "
@@ -262,6 +266,11 @@ def run(args: argparse.Namespace) -> int:
         if not Path(d).expanduser().is_dir():
             logger.error("--allow-dir %s is not a folder", d)
             return 2
+    bridge = getattr(args, "bridge", None)
+    if bridge and not (Path(bridge).expanduser() / "config.json").is_file():
+        logger.error("--bridge %s is not an LLM bridge folder (no config.json); shusheng train bridge writes "
+                     "<output>/final", bridge)
+        return 2
     import_gradio()  # fail early (with the pip hint) when the apps extra is missing
     for noisy in ("httpx", "faiss.loader"):  # one line per HTTP request / per FAISS build tried
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -316,8 +325,15 @@ def run(args: argparse.Namespace) -> int:
         logger.error("no image could be indexed in %s", folder)
         return 1
 
+    tabs = None
+    if bridge:  # the Chat tab over that folder instead of the bundled bridge
+        from shusheng.apps.tabs import load_tabs
+        from shusheng.apps.tabs.chat import ChatTab
+
+        tabs = [ChatTab(os.fspath(Path(bridge).expanduser().absolute())) if isinstance(t, ChatTab) else t
+                for t in load_tabs()]
     demo = build_demo(index_path, embedder, folder=folder, examples=EXAMPLE_QUERIES if generated else (),
-                      title="Shusheng demo", device=args.device, policy=policy, limits=limits)
+                      title="Shusheng demo", device=args.device, policy=policy, limits=limits, tabs=tabs)
     try:
         url = launch_demo(demo, host=args.host, port=args.port, auth=auth, insecure_no_auth=args.insecure_no_auth,
                           limits=limits, inbrowser=not args.no_browser)

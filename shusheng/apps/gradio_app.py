@@ -2,7 +2,10 @@
 :mod:`shusheng.apps.tabs`:
 
 * **Search** (:mod:`shusheng.apps.tabs.search`): image-text search over your folders;
-* **Caption & VQA** (:mod:`shusheng.apps.tabs.caption_vqa`): the bundled unified decoder on one image.
+* **Caption & VQA** (:mod:`shusheng.apps.tabs.caption_vqa`): the bundled unified decoder on one image;
+* **Chat** (:mod:`shusheng.apps.tabs.chat`): streamed multi-turn chat about one image with a trained LLM bridge
+  (the bundled ``shusheng-mini-bridge`` or ``shusheng demo --bridge DIR``; none is bundled yet, so by default the
+  tab says how to train one).
 
 A tab that cannot be built here (its weights are missing, an extra is not installed) is shown with the reason and
 the command that fixes it, instead of vanishing. ``shusheng demo`` (:mod:`shusheng.apps.demo`) launches this app
@@ -53,7 +56,7 @@ def build_demo(index: Index | str | os.PathLike | None = None, embedder: Embedde
         examples: example text queries shown under the query box.
         k, threshold: initial number of results and score threshold.
         title: the page title.
-        extra_tabs: also add the tabs after Search (Caption & VQA); ``False``: the Search tab only.
+        extra_tabs: also add the tabs after Search (Caption & VQA, Chat); ``False``: the Search tab only.
         device: torch device for the models the tabs load.
         tabs: the tabs, in order (default :func:`shusheng.apps.tabs.load_tabs`; the first one is the main tab).
         allow_dirs: folders the app may index and search besides the folder of ``index`` (nothing else is;
@@ -67,7 +70,7 @@ def build_demo(index: Index | str | os.PathLike | None = None, embedder: Embedde
         The ``gr.Blocks``; ``demo.search_app`` is the Search tab's
         :class:`~shusheng.apps.tabs.search.SearchApp` (``None`` without that tab) and ``demo.limits`` the
         limits. Serve it with :func:`launch_demo`. Event API names: ``/search``, ``/index_folder``, ``/caption``,
-        ``/ask``.
+        ``/ask`` (``/checklist`` with a dense head), and ``/chat``, ``/stop_chat`` when the Chat tab has a bridge.
     """
     gr = import_gradio()
     tabs = list(load_tabs() if tabs is None else tabs)

@@ -42,7 +42,8 @@ __all__ = ["TAB_MODULES", "AppContext", "AppLimits", "FolderPolicy", "Tab", "Tab
            "image_input", "import_gradio", "load_tabs", "shown_to_user", "unavailable_tab", "upload_error"]
 
 #: The app's tabs, in order; each module has a ``TAB``. The first one (Search) is the app's main tab.
-TAB_MODULES: tuple[str, ...] = ("shusheng.apps.tabs.search", "shusheng.apps.tabs.caption_vqa")
+TAB_MODULES: tuple[str, ...] = ("shusheng.apps.tabs.search", "shusheng.apps.tabs.caption_vqa",
+                               "shusheng.apps.tabs.chat")
 
 
 @dataclass
