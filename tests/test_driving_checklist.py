@@ -105,3 +105,28 @@ def test_result_lines_are_checked_against_the_schema():
     assert validate_record(_line(error="x"))
     assert validate_record(_line(question_id="weather"), qs)
     assert validate_record([1, 2]) == ["not a JSON object"]
+
+
+def test_one_backbone_pass_gives_the_same_tokens_and_boxes_as_two():
+    import torch
+
+    from shusheng.backbone.dense_tower import dense_boxes
+    from shusheng.data import VAL_SEED, sample
+    from shusheng.data.synthdrive import DENSE_LABELS
+    from shusheng.uniperceiver.pipelines import VQAPipeline
+    from shusheng.weights import BundledWeightsNotFound
+
+    try:
+        vqa = VQAPipeline.from_pretrained()
+    except BundledWeightsNotFound:
+        pytest.skip("bundled shusheng-mini-uniperceiver not present")
+    images = [sample(VAL_SEED, i, 128)[0] for i in range(3)]
+    (batch,) = list(vqa.batches(images, 3))
+    out_a, out_b = vqa._empty(3), vqa._empty(3)
+    with torch.inference_mode():
+        tokens, prob = vqa._encode_with_dense(batch.pixels, out_a, batch)
+        torch.testing.assert_close(tokens, vqa._encode(batch.pixels, out_b, batch))
+        dense = vqa.model.image.backbone.tower.fused_and_dense(batch.pixels)[1]
+    assert out_a["in_domain"] == out_b["in_domain"] and out_a["domain_score"] == out_b["domain_score"]
+    torch.testing.assert_close(prob, torch.sigmoid(dense))
+    assert dense_boxes(prob[0].numpy(), (128, 128), DENSE_LABELS)  # the scene has objects

@@ -263,13 +263,18 @@ class DenseTowerBackbone(PretrainedMixin, nn.Module):
         self.num_features = dense_dim + num_dense_labels * (3 if summary else 1)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features_and_dense(pixels)[0]
+
+    def features_and_dense(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_features` and the dense-head probabilities ``(B, L, h, w)`` it was made from, in one
+        pass (callers that also want object boxes need not run the tower twice)."""
         fused, dense = self.tower.fused_and_dense(pixels)
         prob = torch.sigmoid(dense)  # (B, L, h, w)
         parts = [F.adaptive_avg_pool2d(fused, self.grid), F.adaptive_max_pool2d(prob, self.grid)]
         if self.summary:
             stats = torch.cat([prob.amax((2, 3)), count_components(prob >= 0.5).to(prob.dtype)], 1)  # (B, 2L)
             parts.append(stats[:, :, None, None].expand(-1, -1, self.grid, self.grid))
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1), prob
 
     # -- persistence (shusheng.modeling.PretrainedMixin) ---------------------------------------------------
 

@@ -182,7 +182,10 @@ class ImageTokenizer(nn.Module):
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` (B, 3, H, W) normalised -> pooled backbone features (B, g*g, C)."""
-        f = self.backbone.forward_features(images)  # (B, C, h, w)
+        return self.pool(self.backbone.forward_features(images))
+
+    def pool(self, f: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, C, h, w) -> pooled (B, g*g, C)."""
         if f.ndim != 4:
             raise ValueError(f"backbone.forward_features must return (B, C, h, w), got shape {tuple(f.shape)}")
         return F.adaptive_avg_pool2d(f.float(), self.grid).flatten(2).transpose(1, 2)  # (B, g*g, C)

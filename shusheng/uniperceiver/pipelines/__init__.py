@@ -118,6 +118,22 @@ class _UniPerceiverPipeline(Pipeline):
         self._fill(out, batch, *self.score_features(self._domain_from_pooled(pooled), len(pixels)))
         return tokens
 
+    def _encode_with_dense(self, pixels: torch.Tensor, out: dict[str, list], batch
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_encode` plus the backbone's dense-head probabilities ``(B, L, h, w)``: one backbone pass in
+        eager PyTorch; with another runtime the image side runs there and the dense head once more in PyTorch.
+        The backbone must have a dense head (``features_and_dense``, e.g. ``DenseTowerBackbone``)."""
+        backbone = self.model.image.backbone
+        if not hasattr(backbone, "features_and_dense"):
+            raise ValueError(f"{type(backbone).__name__} has no dense object head")
+        if self.runtime != "torch":
+            return self._encode(pixels, out, batch), backbone.features_and_dense(pixels)[1]
+        features, prob = backbone.features_and_dense(pixels)
+        pooled = self.model.image.pool(features)
+        tokens = self.model.image.tokens(pooled, self.model.text.token_type.weight[1])
+        self._fill(out, batch, *self.score_features(self._domain_from_pooled(pooled), len(pixels)))
+        return tokens, prob
+
 
 class CaptionPipeline(_UniPerceiverPipeline):
     """Image captioning by matching each slot against the vocabulary (cached greedy or beam decoding).

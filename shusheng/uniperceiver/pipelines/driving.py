@@ -189,13 +189,12 @@ class DrivingChecklist:
 
     def __init__(self, vqa: VQAPipeline, questions: Sequence[ChecklistQuestion] | None = None,
                  threshold: float = 0.5):
-        tower = getattr(vqa.model.image.backbone, "tower", None)
-        if tower is None or not hasattr(tower, "fused_and_dense"):
+        if not hasattr(vqa.model.image.backbone, "features_and_dense"):
             raise ValueError("the model's image backbone has no dense object head: evidence boxes need one "
                              "(e.g. the bundled shusheng-mini-uniperceiver)")
         from shusheng.data.synthdrive import DENSE_LABELS
 
-        self.vqa, self.tower, self.labels = vqa, tower, DENSE_LABELS
+        self.vqa, self.labels = vqa, DENSE_LABELS
         self.questions = list(questions) if questions is not None else load_checklist()
         self.frame_questions = [q for q in self.questions if not q.is_temporal]
         self.threshold = float(threshold)
@@ -250,8 +249,8 @@ class DrivingChecklist:
             if batch.pixels is None:
                 self.vqa._fill(out, batch, [], [])
                 continue
-            tokens = self.vqa._encode(batch.pixels, out, batch)
-            prob = torch.sigmoid(self.tower.fused_and_dense(batch.pixels)[1].float()).cpu().numpy()
+            tokens, prob = self.vqa._encode_with_dense(batch.pixels, out, batch)  # one backbone pass
+            prob = prob.float().cpu().numpy()
             per_q = {}
             for q in self.frame_questions:
                 p = model.vqa_match(None, [q.question] * len(batch.index), image_tokens=tokens,
