@@ -212,6 +212,13 @@ def test_trainer_draws_grid_questions_from_training_cells_only():
     assert sampler(3)["questions"] == sampler(3)["questions"]
     with pytest.raises(ValueError, match="qa must be"):
         tu.train(tu.UniPerceiverTrainConfig(qa="templates"))
+    with pytest.raises(ValueError, match="qa_cells must be"):
+        tu.train(tu.UniPerceiverTrainConfig(qa="grid", qa_cells="some"))
+    # a final model for users may be trained on every cell, held-out ones included
+    cfg.qa_cells = "all"
+    every = tu.StepSampler(images, records, cfg, synthdrive_answers())
+    drawn = {c for step in range(40) for cs in every(step)["question_cells"] for c in cs}
+    assert drawn & {c.name for c in g.HELDOUT_CELLS}
 
 
 def test_nearest_vehicle_is_the_lowest_box():

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from shusheng._deps import require
-from shusheng.data.synthdrive_qa import TRAIN_CELLS, grid_questions
+from shusheng.data.synthdrive_qa import CELLS, TRAIN_CELLS, grid_questions
 from shusheng.data.synthdrive_queries import (
     ATTRIBUTE_CLASSES,
     TAG_GROUPS,
@@ -86,6 +86,9 @@ class UniPerceiverTrainConfig:
     # "grid" (drawn per step from the question grid of shusheng.data.synthdrive_qa: every fact in every form that
     # fits it, training wordings and training cells only; the held-out cells and wordings are never drawn)
     qa: str = "annotations"
+    # grid cells drawn: "train" (every cell but the held-out ones, which measure generalisation to unseen
+    # fact x form combinations) or "all" (a final model for users, after the held-out cells have been measured)
+    qa_cells: str = "train"
     lr: float = 1e-3  # image tower and new parameters
     text_lr: float = 2e-4  # parameters initialised from MiniLM
     min_lr_ratio: float = 0.05
@@ -192,7 +195,8 @@ class StepSampler:
         qrng = np.random.default_rng([cfg.seed, 3_000_003, step])  # own stream: "annotations" runs are unchanged
         for r in recs:
             if cfg.qa == "grid":
-                qs = grid_questions(r["attributes"], qrng, "train", TRAIN_CELLS, k=cfg.vqa_per_image)
+                drawn_from = TRAIN_CELLS if cfg.qa_cells == "train" else CELLS
+                qs = grid_questions(r["attributes"], qrng, "train", drawn_from, k=cfg.vqa_per_image)
             else:
                 pick = rng.choice(len(r["qa"]), size=min(cfg.vqa_per_image, len(r["qa"])), replace=False)
                 qs = [r["qa"][int(j)] for j in pick]
@@ -394,6 +398,8 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
         raise ValueError(f"stage must be 'joint', 'tower' or 'decoder', got {cfg.stage!r}")
     if cfg.qa not in ("annotations", "grid"):
         raise ValueError(f"qa must be 'annotations' or 'grid', got {cfg.qa!r}")
+    if cfg.qa_cells not in ("train", "all"):
+        raise ValueError(f"qa_cells must be 'train' or 'all', got {cfg.qa_cells!r}")
     if cfg.stage == "decoder" and not cfg.tower:
         raise ValueError("stage 'decoder' needs --tower (the output folder of a 'tower' run)")
     out = Path(cfg.output)
