@@ -24,6 +24,7 @@ def test_default_question_set_covers_the_driving_checklist():
     assert len(by["nearest_vehicle"].answers) == 8 * 3 + 1 and "red bus" in by["nearest_vehicle"].answers
     assert by["speed_limit"].numeric and by["vehicle_count"].numeric and not by["light"].numeric
     assert [q.id for q in qs if q.is_temporal] == ["light_changed", "pedestrian_entering"]
+    assert [q.id for q in qs if q.answer_from == "evidence"] == ["nearest_vehicle"]
     # demos/ ships the same file
     from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_default_question_set_covers_the_driving_checklist():
                                                                            "window_s": 1}}], "yes/no question"),
     ([{"id": "a", "question": "Q?", "answers": ["yes"], "evidence_rule": "largest"}], "evidence_rule"),
     ([{"id": "a", "question": "Q?", "answers": "everything"}], "unknown answer set"),
+    ([{"id": "a", "question": "Q?", "answers": ["red car", "none"], "answer_from": "evidence"}], "needs evidence_rule"),
+    ([{"id": "a", "question": "Q?", "answers": ["none"], "answer_from": "detector"}], "answer_from must be"),
 ])
 def test_malformed_question_files_are_refused_with_the_reason(tmp_path, questions, message):
     f = tmp_path / "q.json"
@@ -130,3 +133,27 @@ def test_one_backbone_pass_gives_the_same_tokens_and_boxes_as_two():
     assert out_a["in_domain"] == out_b["in_domain"] and out_a["domain_score"] == out_b["domain_score"]
     torch.testing.assert_close(prob, torch.sigmoid(dense))
     assert dense_boxes(prob[0].numpy(), (128, 128), DENSE_LABELS)  # the scene has objects
+
+
+def test_nearest_vehicle_is_answered_by_the_lowest_vehicle_box():
+    from shusheng.data import VAL_SEED, sample
+    from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
+    from shusheng.weights import BundledWeightsNotFound
+
+    try:
+        check = DrivingChecklist.from_pretrained()
+    except BundledWeightsNotFound:
+        pytest.skip("bundled shusheng-mini-uniperceiver not present")
+    images = [sample(VAL_SEED, i, 128)[0] for i in range(8)]
+    out = check(images)
+    seen_vehicle = False
+    for res, boxes in zip(out.results, out.detections):
+        r = res["nearest_vehicle"]
+        vehicles = [b for b in boxes if b["label"] in check.questions[5].answers and b["label"] != "none"]
+        if not vehicles:
+            assert r["answer"] == "none" and r["evidence"] == []
+            continue
+        lowest = max(vehicles, key=lambda b: b["box"][1] + b["box"][3])
+        assert r["answer"] == lowest["label"] and r["evidence"][0]["box"] == lowest["box"]
+        seen_vehicle = True
+    assert seen_vehicle
