@@ -323,18 +323,25 @@ class _Ingest:
         self.deferred: list[tuple[str, os.stat_result, str, FileRecord | None]] = []  # copies of pending contents
 
     # one file -----------------------------------------------------------
+    def _regular_file(self, path: str) -> os.stat_result | None:
+        """``os.stat(path)`` of a regular file; otherwise the reason goes to the report and None is returned."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            self.report.skipped.append((path, _stat_reason(path, e)))
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.report.skipped.append((path, "not a regular file"))
+            return None
+        return st
+
     def process(self, path: str) -> None:
         if is_video(path):
             self.process_video(path)
             return
         index, report = self.index, self.report
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            report.skipped.append((path, _stat_reason(path, e)))
-            return
-        if not stat.S_ISREG(st.st_mode):
-            report.skipped.append((path, "not a regular file"))
+        st = self._regular_file(path)
+        if st is None:
             return
         rec = index.file_record(path)
         spec_boxes = self.region_spec.get(path)
@@ -398,13 +405,8 @@ class _Ingest:
         sampling) -> nothing embedded; an identical indexed video -> its entries copied; else sampled, embedded
         and collapsed here (not in the decode pool's batches), its entries replacing the old ones at once."""
         index, report = self.index, self.report
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            report.skipped.append((path, _stat_reason(path, e)))
-            return
-        if not stat.S_ISREG(st.st_mode):
-            report.skipped.append((path, "not a regular file"))
+        st = self._regular_file(path)
+        if st is None:
             return
         if path in self.region_spec:
             report.skipped.append((path, "regions cannot be given for a video; a detector (--detect) finds "
