@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from shusheng.data.synthdrive_render import COLORS, SIGNS, TIMES, VEHICLE_TYPES, WEATHERS
-from shusheng.data.synthdrive_text import _SIGN_ANSWER, _SLOTS, _TEMPLATES, _TYPE_PLURAL
+from shusheng.data.synthdrive_text import _SIGN_ANSWER, _SLOTS, _TEMPLATES, _TYPE_PLURAL, answer
 
 __all__ = [
-    "CELLS", "EVAL_SPLITS", "FACTS", "FORMS", "HELDOUT_CELLS", "TRAIN_CELLS", "Cell", "QuestionPrior",
+    "CELLS", "EVAL_SPLITS", "FACTS", "FORMS", "HELDOUT_CELLS", "TRAIN_CELLS", "VEHICLE_DESCRIPTIONS", "Cell",
+    "QuestionPrior",
     "answer_matches_form", "form_answers", "grid_answer", "grid_answers", "grid_eval_questions", "grid_question",
     "grid_questions", "nearest_vehicle", "wording_pool",
 ]
@@ -49,6 +50,8 @@ FACTS = (
 )
 YES_NO_FORMS = ("yesno", "exist", "negated")
 _COLORS = tuple(sorted(COLORS))
+#: "colour type" descriptions of one vehicle (the open answers about the nearest vehicle, "red car")
+VEHICLE_DESCRIPTIONS = tuple(f"{c} {t}" for c in _COLORS for t in VEHICLE_TYPES)
 _LIMITS = ("30", "50", "80")
 _NUM_WORD = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 _SING = {"car": ("car",), "truck": ("truck", "lorry"), "bus": ("bus", "coach")}
@@ -321,7 +324,7 @@ def nearest_vehicle(attributes: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _is_stop(a: dict[str, Any]) -> bool:
-    return a["light"] == "red" or a["sign"] == "stop" or any(p["on_crosswalk"] for p in a["pedestrians"])
+    return answer("stop", a) == "yes"
 
 
 def _yn(b: bool) -> str:
@@ -336,24 +339,15 @@ def _colors(vs: list[dict[str, Any]]) -> str:
 def _value(fact: str, a: dict[str, Any], p: dict[str, Any]) -> str:
     """The open value of ``fact`` (the answer of the ``open`` form, and what ``either`` and ``yesno`` compare)."""
     vs = a["vehicles"]
-    if fact in ("time", "weather", "light"):
-        return a[fact]
-    if fact == "sign":
-        return _SIGN_ANSWER[a["sign"]]
+    if fact in ("time", "weather", "light", "sign", "pedestrian_location", "vehicle_colors"):
+        return answer(fact, a)  # the facts SynthDrive's own questions already answer
+    if fact == "vehicle_count":
+        return answer(fact, a, vehicle_type=p.get("vehicle_type"))
     if fact == "speed_limit":
         return a["sign"].split("_")[1] if a["sign"].startswith("speed_") else "none"
-    if fact == "pedestrian_location":
-        where = {q["on_crosswalk"] for q in a["pedestrians"]}
-        return {frozenset(): "none", frozenset({True}): "crosswalk", frozenset({False}): "sidewalk"}.get(
-            frozenset(where), "both")
-    if fact == "vehicle_count":
-        vt = p.get("vehicle_type")
-        return str(sum(1 for v in vs if vt is None or v["type"] == vt))
     if fact == "vehicle_types":
         ts = sorted({v["type"] for v in vs})
         return ", ".join(ts) if ts else "none"
-    if fact == "vehicle_colors":
-        return _colors(vs)
     if fact == "color_of_type":
         return _colors([v for v in vs if v["type"] == p["vehicle_type"]])
     if fact == "nearest_vehicle":
@@ -432,7 +426,7 @@ def grid_answers() -> list[str]:
            *(_SIGN_ANSWER[s] for s in SIGNS if s != "none"), *_LIMITS, "crosswalk", "sidewalk", "both",
            *(", ".join(c) for k in range(1, 4) for c in itertools.combinations(sorted(VEHICLE_TYPES), k)),
            *(", ".join(c) for k in range(1, 6) for c in itertools.combinations(_COLORS, k)),
-           *(f"{c} {t}" for c in _COLORS for t in VEHICLE_TYPES), "stop", "go"]
+           *VEHICLE_DESCRIPTIONS, "stop", "go"]
     return list(dict.fromkeys(out))
 
 

@@ -92,7 +92,11 @@ class ImageSide(torch.nn.Module):
         self.type_embedding = model.text.token_type  # row 1: the image token type
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.image.pooled_features(pixels)  # (B, N, C)
+        return self.from_features(self.image.backbone.forward_features(pixels))
+
+    def from_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features ``(B, C, h, w)`` → ``(image_tokens, pooled)``, as :meth:`forward` gives them."""
+        pooled = self.image.pool(features)  # (B, N, C)
         return self.image.tokens(pooled, self.type_embedding.weight[1]), pooled  # (B, N, D), (B, N, C)
 
 
@@ -129,8 +133,7 @@ class _UniPerceiverPipeline(Pipeline):
         if self.runtime != "torch":
             return self._encode(pixels, out, batch), backbone.features_and_dense(pixels)[1]
         features, prob = backbone.features_and_dense(pixels)
-        pooled = self.model.image.pool(features)
-        tokens = self.model.image.tokens(pooled, self.model.text.token_type.weight[1])
+        tokens, pooled = ImageSide(self.model).from_features(features)
         self._fill(out, batch, *self.score_features(self._domain_from_pooled(pooled), len(pixels)))
         return tokens, prob
 

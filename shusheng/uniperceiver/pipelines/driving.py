@@ -52,10 +52,10 @@ _RULES = ("changed", "entered")
 
 def _answer_set(name: str) -> list[str]:
     """Named answer sets a question file may use instead of a list."""
-    from shusheng.data.synthdrive_render import COLORS, VEHICLE_TYPES
+    from shusheng.data.synthdrive_qa import VEHICLE_DESCRIPTIONS
 
     if name == "nearest_vehicle":
-        return [f"{c} {t}" for c in sorted(COLORS) for t in VEHICLE_TYPES] + ["none"]
+        return [*VEHICLE_DESCRIPTIONS, "none"]
     raise ValueError(f"unknown answer set {name!r}; give a list of answers or 'nearest_vehicle'")
 
 
