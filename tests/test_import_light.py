@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("gradio", "diffusers", "faiss", "timm", "transformers")
+HEAVY = ("gradio", "diffusers", "faiss", "timm", "transformers", "ray")
 
 
 def loaded_after(code: str, watched: tuple[str, ...]) -> list[str]:

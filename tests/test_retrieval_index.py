@@ -663,6 +663,56 @@ def test_switch_to_ivf_and_back(tmp_path, monkeypatch):
         assert idx.spec.exact and idx.ntotal == 199
 
 
+def test_text_queries_visit_more_ivf_lists(tmp_path, monkeypatch):
+    """Text queries (across the modality gap) get TEXT_NPROBE_FACTOR x the lists of image queries by default."""
+    import shusheng.retrieval_index.vectors as vectors_mod
+
+    monkeypatch.setattr(vectors_mod, "FLAT_MAX_ENTRIES", 400)
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(1000, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+
+    class VecEmbedder:
+        name, dim = "vec", 16
+
+        def embed_texts(self, texts, batch_size=64):
+            return np.stack([vecs[int(t)] for t in texts])
+
+    with Index.open(tmp_path / "idx", create=True, embedder_name="vec", dim=16) as idx:
+        for i, v in enumerate(vecs):
+            fid = idx.put_file(f"/virtual/{i}.png", size=1, mtime_ns=0, digest=f"h{i}", date="2020-01-01T00:00:00",
+                               date_source="mtime", width=8, height=8)
+            idx.add_entries(fid, v[None], [None])
+        idx.commit()
+    spec = choose_index_spec(1_000_000)
+    assert spec.nprobe_for("image") == 128 and spec.nprobe_for("text") == 128 * vectors_mod.TEXT_NPROBE_FACTOR
+    assert vectors_mod.IndexSpec("IVF64,SQ8", nprobe=32, nlist=64).nprobe_for("text") == 64  # capped at nlist
+    assert choose_index_spec(10).nprobe_for("text") is None  # exact
+    with pytest.raises(ValueError, match="modality"):
+        spec.nprobe_for("audio")
+    seen = []
+    original = vectors_mod.VectorIndex.search
+
+    def recording(self, queries, k, nprobe=None, *a, **kw):
+        seen.append(nprobe)
+        return original(self, queries, k, nprobe, *a, **kw)
+
+    monkeypatch.setattr(vectors_mod.VectorIndex, "search", recording)
+    with Index.open(tmp_path / "idx") as idx:
+        base = idx.spec.nprobe
+        assert base is not None and idx.spec.nprobe_for("text") > base
+        hits = idx.search(text="5", k=3, embedder=VecEmbedder())
+        assert seen[-1] == idx.spec.nprobe_for("text") and hits[0].path == "/virtual/5.png"
+        idx.search(vector=vecs[5], k=3)
+        assert seen[-1] in (None, base)  # the index's own nprobe
+        idx.search(vector=vecs[5], k=3, modality="text")
+        assert seen[-1] == idx.spec.nprobe_for("text")
+        idx.search(text="5", k=3, embedder=VecEmbedder(), nprobe=2)
+        assert seen[-1] == 2  # an explicit nprobe wins
+        with pytest.raises(ValueError, match="modality"):
+            idx.search(vector=vecs[5], modality="sound")
+
+
 def test_several_folders_share_one_index(tmp_path):
     """Re-indexing one folder never drops the files of another (not even one whose name differs in case)."""
     upper, lower = tmp_path / "Pics", tmp_path / "pics"

@@ -271,15 +271,27 @@ class LLMBridge(PretrainedMixin, nn.Module):
 
     def encode_example(self, conversation: Sequence[Message], n_images: int) -> PromptIds:
         """A training example (a conversation ending with the assistant's answer): its ids, with ``labels`` on
-        the answer's tokens (the chat template's end-of-turn included) and ``-100`` elsewhere."""
+        every assistant turn's tokens (the chat template's end-of-turn included) and ``-100`` elsewhere. A
+        multi-turn conversation (several questions about the same images) trains on all its answers at the cost of
+        one sequence: the image tokens and the template's preamble are paid once."""
         messages = self.chat_messages(conversation, n_images, for_generation=False)
-        prompt = self._render(messages[:-1], True)
-        full = self._render(messages, False)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template renders the answer's prefix differently from the generation prompt")
-        p_ids, a_ids = self._ids(prompt), self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        out = PromptIds(p_ids + a_ids)
-        out.labels = [IGNORE] * len(p_ids) + list(a_ids)
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""  # the rendered text covered so far
+        for j, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt, full = self._render(messages[:j], True), self._render(messages[:j + 1], False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise ValueError("the chat template renders a conversation's prefix differently from its "
+                                 "generation prompt")
+            p_ids = self._ids(prompt[len(done):])
+            a_ids = self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            ids += p_ids + a_ids
+            labels += [IGNORE] * len(p_ids) + list(a_ids)
+            done = full
+        out = PromptIds(ids)
+        out.labels = labels
         return out
 
     # -- LM inputs ----------------------------------------------------------------------------------------

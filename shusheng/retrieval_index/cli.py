@@ -6,6 +6,8 @@ Examples::
     shusheng index ~/Pictures --embedder open_clip:ViT-B-32 --checkpoint vit_b32.safetensors --index /data/idx
     shusheng index ~/Pictures --regions boxes.json         # {"a.jpg": [[x, y, w, h], ...]}
     shusheng index ~/Videos --video-fps 2 --collapse 0.95  # videos: 2 frames/s, near-identical frames collapsed
+    shusheng index ~/Pictures --engine ray --workers 8     # decode + embed on Ray actors (local, or --address)
+    shusheng index /data/photos --on-disk                  # IVF lists memory-mapped: indexes bigger than RAM
     shusheng index --stats ~/Pictures
     shusheng index --duplicates ~/Pictures --near 0.97
     shusheng search "a red car at night" --index ~/Pictures -k 5 --threshold 0.2 --from 2023-01-01 --json
@@ -79,9 +81,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     videos.add_argument("--no-collapse", dest="collapse", action="store_false", default=None,
                         help="keep every sampled frame as an entry")
     videos.add_argument("--no-videos", action="store_true", help="index images only (skip video files)")
+    scale = parser.add_argument_group("scale-out (needs pip install 'shusheng[scale]'; docs/scaling.md)")
+    scale.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local (default): decode and embed in this process; ray: on a pool of Ray actors "
+                            "(one model each), written and resumable shard by shard. Images only: videos and "
+                            "region changes of unchanged files stay in this process; no --detect")
+    scale.add_argument("--address", metavar="ADDR",
+                       help="with --engine ray: the Ray cluster to join (auto, HOST:6379, ray://HOST:10001); "
+                            "default RAY_ADDRESS, else a local Ray on this machine's cores")
+    scale.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="with --engine ray: actors (default: one per CPU of the cluster; per GPU with "
+                            "--device cuda)")
+    scale.add_argument("--shard-size", type=int, default=None, metavar="N",
+                       help="with --engine ray: files per shard, the unit written, committed and resumed (1024)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per embedder call (32)")
     parser.add_argument("--commit-every", type=int, default=256, metavar="N",
                         help="commit after N changed files (256): the most a crash can lose")
+    parser.add_argument("--on-disk", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the IVF lists of the index in a memory-mapped file, for indexes bigger than RAM "
+                             "(recorded: later runs keep it; --no-on-disk moves them back into memory)")
     parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
                         help="skip images larger than N pixels (default 64 million)")
     parser.add_argument("--include-hidden", action="store_true", help="also index dot-files and dot-folders")
@@ -107,7 +125,8 @@ def _run_stats(args: argparse.Namespace) -> int:
         ("files", f"{stats['files']}" + (f" ({stats['videos']} videos)" if stats["videos"] else "")),
         ("entries", f"{stats['entries']} ({stats['image_entries']} images, {frames}{stats['region_entries']} regions)"),
         ("embedder", f"{stats['embedder']} (dim {stats['dim']})"),
-        ("index type", stats["index_type"] + (f", nprobe {stats['nprobe']}" if stats["nprobe"] else " (exact)")),
+        ("index type", stats["index_type"] + (f", nprobe {stats['nprobe']}" if stats["nprobe"] else " (exact)")
+         + (", lists on disk" if stats["storage"] == "on-disk" else "")),
         ("size on disk", _fmt_bytes(stats["size_on_disk_bytes"])),
         ("last commit", f"{stats['last_commit'] or 'never'} (generation {stats['generation']})"),
         ("folders", ", ".join(stats["roots"]) or "-"),
@@ -163,6 +182,18 @@ def _run_index(args: argparse.Namespace) -> int:
     from shusheng.data.images import DEFAULT_MAX_PIXELS
     from shusheng.retrieval_index.ingest import index_folder
 
+    engine = None
+    if args.engine == "ray":
+        from shusheng.retrieval_index.ray_ingest import DEFAULT_SHARD_SIZE, RayEngine
+
+        if args.detect:
+            logger.error("--detect runs only in the in-process engine: index without --engine ray")
+            return 2
+        engine = RayEngine(address=args.address, workers=args.workers,
+                           shard_size=args.shard_size or DEFAULT_SHARD_SIZE)
+    elif args.address or args.workers or args.shard_size:
+        logger.error("--address, --workers and --shard-size need --engine ray")
+        return 2
     detector = None
     if args.detect:
         from shusheng.detection import DenseObjectDetector
@@ -171,12 +202,16 @@ def _run_index(args: argparse.Namespace) -> int:
         own = args.checkpoint and (args.embedder or MODEL_NAME) == MODEL_NAME and Path(args.checkpoint).is_dir()
         model = MiniClip.from_pretrained(args.checkpoint, device=args.device) if own else load_bundled(args.device)
         detector = DenseObjectDetector(model, threshold=args.detect_threshold)
-    report = index_folder(
-        args.folder, args.index, args.embedder, checkpoint=args.checkpoint, device=args.device,
-        regions=args.regions, detector=detector, batch_size=args.batch_size, commit_every=args.commit_every,
-        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, include_hidden=args.include_hidden,
-        progress=not args.quiet and not args.json, runtime=args.runtime, videos=not args.no_videos,
-        video_fps=args.video_fps, collapse=args.collapse)
+    try:
+        report = index_folder(
+            args.folder, args.index, args.embedder, checkpoint=args.checkpoint, device=args.device,
+            regions=args.regions, detector=detector, batch_size=args.batch_size, commit_every=args.commit_every,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, include_hidden=args.include_hidden,
+            progress=not args.quiet and not args.json, runtime=args.runtime, videos=not args.no_videos,
+            video_fps=args.video_fps, collapse=args.collapse, engine=engine, on_disk=args.on_disk)
+    finally:
+        if engine is not None:
+            engine.shutdown()
     if args.json:
         _print_json(report.to_dict())
     else:

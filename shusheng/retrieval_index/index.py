@@ -24,6 +24,11 @@ Consistency rules:
 
 Index type: see :func:`~shusheng.retrieval_index.vectors.choose_index_spec`. Search scores are always exact
 cosines, recomputed from the stored float32 vectors of the candidates FAISS returns.
+
+Indexes bigger than RAM (:meth:`Index.set_on_disk`, ``shusheng index --on-disk``): the IVF lists live in
+``vectors.<generation>.<token>.ivfdata``, memory-mapped read-only by searches. A commit writes a new ivfdata file
+before it replaces ``vectors.faiss`` and removes the old file only after, so the rules above hold unchanged; see
+:mod:`shusheng.retrieval_index.vectors`.
 """
 
 from __future__ import annotations
@@ -65,11 +70,13 @@ from shusheng.retrieval_index.search import DateLike, SearchHit, parse_date, ran
 from shusheng.retrieval_index.store import Box, FileRecord, FrameSpan, MetaStore, normalise
 from shusheng.retrieval_index.vectors import (
     FLAT_MAX_ENTRIES,
+    ON_DISK_KEY,
     RETRAIN_FACTOR,
     TRAIN_PER_LIST,
     IndexSpec,
     VectorIndex,
     choose_index_spec,
+    on_disk_requested,
 )
 from shusheng.retrieval_index.video import VideoSampling, is_video
 
@@ -295,6 +302,22 @@ class Index:
         """Records the video sampling of this index (the default of the next ingest)."""
         self._require_writable().set_info("video_sampling", sampling.key())
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether this index keeps its IVF inverted lists on disk (see :meth:`set_on_disk`)."""
+        with self._mutex:
+            return on_disk_requested(self._store)
+
+    def set_on_disk(self, on_disk: bool = True) -> None:
+        """Keeps the IVF inverted lists of this index in a memory-mapped file (``vectors.<generation>.<token>
+        .ivfdata``) instead of in memory, or (``False``) in memory again; recorded in the index, so later runs keep
+        it. Takes effect at the latest at the next ``commit()`` that writes the vectors. Exact (flat) indexes, below
+        ``FLAT_MAX_ENTRIES`` entries, stay in memory; an on-disk index becomes IVF on disk when it grows past it.
+        Searching then holds only the quantizer, the lists a query visits (paged in by the kernel) and the
+        entries added since the last write of the lists."""
+        if self.on_disk != bool(on_disk):
+            self._require_writable().set_info(ON_DISK_KEY, "1" if on_disk else "0")
+
     def put_file(self, path: str | os.PathLike, *, size: int, mtime_ns: int, digest: str, date: str,
                  date_source: str, width: int, height: int, detector: str | None = None,
                  sampling: str | None = None) -> int:
@@ -417,10 +440,10 @@ class Index:
                 raise RetrievalIndexError("read-only index: nothing to commit")
             if self._store.in_txn:
                 _, added, removed = self._store.commit()
-                self._vectors.apply(added, removed)
+                self._vectors.apply(added, removed, self._store)
             if write_vectors:
                 self._vectors.rebuild_if_outgrown(self._store)
-                self._vectors.persist(self.generation)
+                self._vectors.persist(self.generation, self._store)
             return self.generation
 
     def rollback(self) -> None:
@@ -448,7 +471,7 @@ class Index:
     def search(self, text: str | None = None, image: Image.Image | str | os.PathLike | None = None, k: int = 10,
                threshold: float | None = None, folder_glob: str | None = None, date_from: DateLike | None = None,
                date_to: DateLike | None = None, regions: bool = True, *, vector: np.ndarray | None = None,
-               group_by_image: bool = True, nprobe: int | None = None,
+               group_by_image: bool = True, nprobe: int | None = None, modality: str | None = None,
                embedder: Embedder | None = None) -> list[SearchHit]:
         """Text-to-image, image-to-image or text+image search over images and video frames.
 
@@ -465,7 +488,12 @@ class Index:
             group_by_image: one hit per image, or per kept frame of a video — its best entry (whole image or
                 frame, or a region, whose box is then set). With ``False``, every (path, frame, box) entry is its
                 own hit. Video hits carry ``video``, ``time``, ``time_end`` and ``frame``.
-            nprobe: IVF lists to visit (default the index's own); ignored by exact indexes.
+            nprobe: IVF lists to visit (default: the index's own for the query's modality, see ``modality``);
+                ignored by exact indexes.
+            modality: what the query is, which sets the default ``nprobe``: ``"text"`` (text queries sit across
+                the modality gap from the image clusters, so IVF indexes visit ``TEXT_NPROBE_FACTOR`` times more
+                lists for them) or ``"image"``. Default: ``"text"`` when ``text`` is given (alone or with an
+                image), ``"image"`` for an image alone or a ``vector``.
             embedder: embedder for the query (default the index's).
 
         Returns:
@@ -477,6 +505,9 @@ class Index:
             q = normalise(np.asarray(vector, np.float32).reshape(-1))
             if q.shape[0] != self.dim:
                 raise EmbedderMismatchError(f"query vector has dim {q.shape[0]}, index has {self.dim}")
+        modality = modality or ("text" if text is not None and vector is None else "image")
+        if nprobe is None and self.spec.nprobe_for(modality) != self.spec.nprobe:
+            nprobe = self.spec.nprobe_for(modality)
         lo, hi = parse_date(date_from, end=False), parse_date(date_to, end=True)
         with self._mutex:
             ntotal = self.ntotal
@@ -511,7 +542,9 @@ class Index:
 
     def stats(self) -> dict[str, Any]:
         """Counts (files, videos, whole-image, video-frame and region entries), embedder, index type, video sampling,
-        size on disk and last commit, as a JSON-friendly dict."""
+        size on disk and last commit, as a JSON-friendly dict. ``storage`` is ``"on-disk"`` when the IVF lists are
+        memory-mapped from an ivfdata file (``in_memory_entries``: those added since, held in memory) and
+        ``"in-RAM"`` otherwise; ``on_disk``: the index is set to keep them on disk (:meth:`set_on_disk`)."""
         with self._mutex:
             store = self._store
             by_source = store.entry_counts_by_source()
@@ -533,6 +566,9 @@ class Index:
                 "index_type": spec.factory,
                 "nprobe": spec.nprobe,
                 "vectors_in_index": self.ntotal,
+                "on_disk": on_disk_requested(store),
+                "storage": "on-disk" if self._vectors.lists_on_disk else "in-RAM",
+                "in_memory_entries": self._vectors.in_memory_entries,
                 "size_on_disk_bytes": size,
                 "generation": self.generation,
                 "last_commit": store.info("last_commit"),

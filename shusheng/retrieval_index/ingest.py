@@ -16,6 +16,9 @@ Indexed files no longer found under the folder are removed at the end. Bad files
 not images, decompression bombs, too large, symlink loops, unreadable) are skipped and listed in the
 :class:`IngestReport`; a file that was indexed before and is now unreadable keeps its old entries. Changes are
 committed every ``commit_every`` files, so a killed run loses at most that much work and the next run resumes.
+
+With ``engine=RayEngine(...)`` (:mod:`shusheng.retrieval_index.ray_ingest`) the same decisions are made here, and
+step 3 for images runs on Ray actors instead, written and committed shard by shard.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 from shusheng.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError
 from shusheng.retrieval_index.errors import EmbedderMismatchError
 from shusheng.retrieval_index.index import Index
-from shusheng.retrieval_index.layout import DEFAULT_INDEX_DIRNAME, read_embedder_info
+from shusheng.retrieval_index.layout import DEFAULT_INDEX_DIRNAME, EmbedderInfo, read_embedder_info
 from shusheng.retrieval_index.prepare import (
     CONTEXT_PAD,
     EMBED_MIN_SIDE,
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
 
     from shusheng.detection import Detector
     from shusheng.retrieval_index.embedders import Embedder
+    from shusheng.retrieval_index.ray_ingest import RayEngine
 
     #: What ``index_folder(detector=...)`` accepts: a :class:`shusheng.detection.Detector`, or any plain
     #: ``callable(PIL.Image) -> [[x, y, w, h], ...]`` (named by its ``name``, else its qualified name).
@@ -234,6 +238,11 @@ def _stat_reason(path: str, e: OSError) -> str:
     return f"unreadable ({e.strerror or e})"
 
 
+def skip_reason(path: str, e: ImageLoadError | OSError) -> str:
+    """Why ``path`` is skipped, from the error :func:`~shusheng.retrieval_index.prepare.prepare_file` raised."""
+    return e.reason if isinstance(e, ImageLoadError) else _stat_reason(path, e)
+
+
 def _detector_name(detector: BoxDetector | None) -> str | None:
     if detector is None:
         return None
@@ -254,20 +263,35 @@ def resolve_embedder(embedder: Embedder | str | None, index_path: Path, checkpoi
 
     A name that differs from the recorded one fails before any model is loaded.
     """
-    from shusheng.retrieval_index.embedders import DEFAULT_EMBEDDER, create_embedder, with_runtime
+    from shusheng.retrieval_index.embedders import create_embedder, with_runtime
 
-    recorded = read_embedder_info(index_path, missing_ok=True)
     if embedder is None or isinstance(embedder, str):
-        name = embedder or (recorded.name if recorded else DEFAULT_EMBEDDER)
-        if recorded is not None and _embedder_key(name) != recorded.name:
-            raise EmbedderMismatchError(
-                f"index {os.fspath(index_path)!r} was built with embedder {recorded.name!r}, not {name!r}; "
-                f"vectors of different embedders cannot be mixed. Use --embedder {recorded.name} "
-                "or a new --index path.")
-        if checkpoint is None and recorded is not None:
-            checkpoint = recorded.checkpoint
+        name, checkpoint, _ = embedder_choice(embedder, index_path, checkpoint)
         return create_embedder(name, checkpoint=checkpoint, device=device, runtime=runtime), checkpoint
     return with_runtime(embedder, runtime), checkpoint
+
+
+def embedder_choice(name: str | None, index_path: Path, checkpoint: str | os.PathLike | None
+                    ) -> tuple[str, str | os.PathLike | None, EmbedderInfo | None]:
+    """The embedder name and checkpoint of an ingest given by name (``None``: the one recorded in the index at
+    ``index_path``, else the default), and the recorded :class:`EmbedderInfo` (``None`` for a new index); loads
+    no model.
+
+    Raises:
+        EmbedderMismatchError: ``name`` differs from the recorded embedder.
+    """
+    from shusheng.retrieval_index.embedders import DEFAULT_EMBEDDER
+
+    recorded = read_embedder_info(index_path, missing_ok=True)
+    name = name or (recorded.name if recorded else DEFAULT_EMBEDDER)
+    if recorded is not None and _embedder_key(name) != recorded.name:
+        raise EmbedderMismatchError(
+            f"index {os.fspath(index_path)!r} was built with embedder {recorded.name!r}, not {name!r}; "
+            f"vectors of different embedders cannot be mixed. Use --embedder {recorded.name} "
+            "or a new --index path.")
+    if checkpoint is None and recorded is not None:
+        checkpoint = recorded.checkpoint
+    return name, checkpoint, recorded
 
 
 def resolve_sampling(recorded: VideoSampling | None, video_fps: float | None = None,
@@ -368,9 +392,16 @@ class _Ingest:
             return
         boxes = spec_boxes if spec_boxes is not None else (
             [list(b) for b in index.boxes_of(rec.id, "user")] if rec is not None else None)
+        self.pending_digests.add(digest)
+        self._queue_image(path, data, st, digest, rec, boxes)
+
+    def _queue_image(self, path: str, data: bytes, st: os.stat_result, digest: str, rec: FileRecord | None,
+                     boxes: list | None) -> None:
+        """Queues a new or changed image (read, hashed, and neither unchanged nor a copy of an indexed file) for
+        decoding in the pool and embedding in this process's batches. The Ray engine
+        (:mod:`shusheng.retrieval_index.ray_ingest`) overrides it to send the file to its workers instead."""
         future = self.pool.submit(prepare_file, path, boxes, data=data, st=st, max_pixels=self.max_pixels,
                                   keep_full=self.detector is not None)
-        self.pending_digests.add(digest)
         self._push(_Job(path, "full", future, rec, boxes, self.detector is not None, digest))
 
     def _copy_twin(self, path: str, st: os.stat_result, digest: str, rec: FileRecord | None,
@@ -553,12 +584,7 @@ class _Ingest:
             try:
                 prepared = job.future.result()
             except (ImageLoadError, OSError) as e:
-                reason = e.reason if isinstance(e, ImageLoadError) else _stat_reason(job.path, e)
-                self.report.skipped.append((job.path, reason))
-                if job.kind == "regions":
-                    self.report.updated -= 1
-                elif job.digest is not None:
-                    self.failed_digests[job.digest] = reason
+                self._skip_job(job, skip_reason(job.path, e))
                 continue
             for reason in prepared.invalid_boxes:
                 self.report.skipped.append((job.path, reason))
@@ -577,6 +603,14 @@ class _Ingest:
             at += len(images)
             self._write(job, prepared, det_boxes, vecs)
         self._changed(len(ready))
+
+    def _skip_job(self, job: _Job, reason: str) -> None:
+        """``job``'s file could not be prepared (``reason``): listed as skipped; its copies will be too."""
+        self.report.skipped.append((job.path, reason))
+        if job.kind == "regions":
+            self.report.updated -= 1
+        elif job.digest is not None:
+            self.failed_digests[job.digest] = reason
 
     def _write(self, job: _Job, p: PreparedImage, det_boxes: list[Box], vecs) -> None:
         index, report = self.index, self.report
@@ -623,7 +657,8 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
                  progress: bool = True, workers: int | None = None,
                  within: Sequence[str | os.PathLike] | None = None, deadline: float | None = None,
                  runtime: str = "torch", videos: bool = True, video_fps: float | None = None,
-                 collapse: float | bool | None = None) -> IngestReport:
+                 collapse: float | bool | None = None, engine: RayEngine | None = None,
+                 on_disk: bool | None = None) -> IngestReport:
     """Indexes (or incrementally re-indexes) every image and video below ``folder``.
 
     Args:
@@ -661,6 +696,13 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
         collapse: consecutive sampled frames whose embeddings have a cosine at least this with the first frame of
             their run become one entry spanning their times (default: the index's, else 0.98); ``False``: every
             sampled frame is an entry.
+        engine: ``None`` (default): everything in this process. A
+            :class:`~shusheng.retrieval_index.ray_ingest.RayEngine`: new and changed images are decoded and
+            embedded by Ray workers (one model each, on this machine or a cluster) and written shard by shard,
+            resumable; videos and regions of unchanged files stay in this process; no ``detector`` or
+            ``deadline``. Same entries as without it.
+        on_disk: keep the index's IVF lists in a memory-mapped file (``True``) or in memory (``False``), recorded
+            in the index (:meth:`~shusheng.retrieval_index.Index.set_on_disk`); ``None`` (default): as recorded.
 
     Returns:
         The :class:`IngestReport` of the run.
@@ -683,11 +725,17 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
             ", an image or a video" if videos else " or an image"))
     base = root.parent if single else root
     index_path = Path(index_path).expanduser().absolute() if index_path else base / DEFAULT_INDEX_DIRNAME
-    embedder, checkpoint = resolve_embedder(embedder, index_path, checkpoint, device, runtime)
+    if engine is None:
+        embedder, checkpoint = resolve_embedder(embedder, index_path, checkpoint, device, runtime)
+    else:
+        embedder, checkpoint = engine.resolve_embedder(embedder, index_path, checkpoint, device, runtime,
+                                                       detector=detector, deadline=deadline)
     region_spec = load_regions(regions, base)
     report = IngestReport(index_path=os.fspath(index_path))
     workers = workers or min(4, os.cpu_count() or 1)
     with Index.open(index_path, create=True, embedder=embedder, checkpoint=checkpoint) as index:
+        if on_disk is not None:
+            index.set_on_disk(on_disk)
         sampling = resolve_sampling(index.video_sampling, video_fps, collapse)
         if single:
             files, scan_skipped, unlisted = _single_file(root, within)
@@ -698,8 +746,10 @@ def index_folder(folder: str | os.PathLike, index_path: str | os.PathLike | None
             files, scan_skipped, unlisted = scan_folder(root, skip=[index_path], include_hidden=include_hidden,
                                                         **limit)
         report.skipped.extend(scan_skipped)
-        run = _Ingest(index, embedder, report, region_spec=region_spec, detector=detector, batch_size=batch_size,
-                      commit_every=commit_every, max_pixels=max_pixels, workers=workers, sampling=sampling)
+        options = dict(region_spec=region_spec, detector=detector, batch_size=batch_size, commit_every=commit_every,
+                       max_pixels=max_pixels, workers=workers, sampling=sampling)
+        run = (_Ingest(index, embedder, report, **options) if engine is None
+               else engine.ingest(index, embedder, report, progress=progress, **options))
         try:
             for n, path in enumerate(tqdm(files, desc="indexing", unit="file", disable=not progress)):
                 if deadline is not None and time.monotonic() >= deadline:

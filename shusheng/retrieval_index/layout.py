@@ -5,6 +5,9 @@ Layout of an index folder::
 
     meta.sqlite     files, entries (with their float32 vectors) and info     (shusheng.retrieval_index.store)
     vectors.faiss   the FAISS index over every entry, a cache of meta.sqlite  (shusheng.retrieval_index.vectors)
+    vectors.<generation>.<token>.ivfdata
+                    on-disk indexes only: the IVF inverted lists that vectors.faiss names (memory-mapped at search
+                    time); a commit writes a new one before replacing vectors.faiss, then removes the old one
     commit.json     commit marker: generation and entry count of vectors.faiss
     embedder.json   embedder name, dimension, checkpoint, format, creation time (:class:`EmbedderInfo`)
     lock            flock'ed by the one writer; holds its PID
@@ -18,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,14 +32,27 @@ from shusheng.retrieval_index.errors import IndexLockedError, IndexNotFoundError
 
 __all__ = [
     "COMMIT_FILE", "DEFAULT_INDEX_DIRNAME", "EMBEDDER_FILE", "FORMAT_VERSION", "LOCK_FILE", "META_FILE",
-    "VECTORS_FILE", "EmbedderInfo", "acquire_lock", "index_exists", "read_embedder_info", "resolve_index_path",
-    "write_embedder_info",
+    "VECTORS_FILE", "EmbedderInfo", "acquire_lock", "index_exists", "ivfdata_files", "ivfdata_name",
+    "read_embedder_info", "resolve_index_path", "write_embedder_info",
 ]
 
 FORMAT_VERSION = 1
 DEFAULT_INDEX_DIRNAME = ".shusheng-index"
 META_FILE, VECTORS_FILE, COMMIT_FILE, EMBEDDER_FILE, LOCK_FILE = (
     "meta.sqlite", "vectors.faiss", "commit.json", "embedder.json", "lock")
+_IVFDATA_GLOB = "vectors.*.ivfdata"
+
+
+def ivfdata_name(generation: int) -> str:
+    """A new file name for the on-disk inverted lists written at ``generation``: ``vectors.<generation>.<token>
+    .ivfdata``. The random token keeps it distinct from any file a reader may still have mapped (a generation can
+    be written twice: after an interrupted commit, or when only the storage changed)."""
+    return f"vectors.{int(generation)}.{secrets.token_hex(4)}.ivfdata"
+
+
+def ivfdata_files(path: Path) -> list[Path]:
+    """The on-disk inverted-list files in the index folder ``path`` (the current one and any left behind)."""
+    return sorted(Path(path).glob(_IVFDATA_GLOB))
 
 
 @dataclass(frozen=True)

@@ -398,6 +398,15 @@ class MetaStore:
             i += len(rows)
         return ids[:i], vecs[:i]
 
+    def iter_vectors(self, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` of every entry in id order, ``chunk`` rows at a time (one cursor: never all of them
+        in memory, unlike :meth:`all_vectors`)."""
+        cur = self.conn.execute("SELECT id, vector FROM entries ORDER BY id")
+        while rows := cur.fetchmany(chunk):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, self.dim)
+            yield ids, vecs
+
     def vectors_of(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
         ids = [int(i) for i in ids]

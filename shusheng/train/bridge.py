@@ -11,7 +11,8 @@ Two stages in one run, LLaVA's recipe with the LM frozen throughout (only the pr
    request for a description ("Describe the scene."), the answer one of the scene's five captions;
 2. ``--qa-steps``: questions about the scene from the SynthDrive question grid
    (``shusheng.data.synthdrive_qa.grid_questions``, training wordings and training cells only), the answer the
-   grid's short answer.
+   grid's short answer; ``--qa-turns K`` asks K of them in one multi-turn conversation (every answer is a target,
+   the image tokens and the template's preamble are paid once per K questions).
 
 The loss is the cross-entropy of the answer's tokens (and the chat template's end of turn). The tower is frozen,
 so its pooled tokens are computed once for every training image and cached in ``<output>/tower_features.pt``.
@@ -73,7 +74,8 @@ class BridgeTrainConfig:
     caption_steps: int = 300
     qa_steps: int = 300
     batch_size: int = 16
-    qa_per_image: int = 1  # questions per image in a stage-2 batch
+    qa_per_image: int = 1  # stage-2 conversations per image in a batch
+    qa_turns: int = 1  # questions (with their answers) in one stage-2 conversation: the image is paid once
     lr: float = 1e-3  # stage 1
     qa_lr: float = 5e-4  # stage 2
     min_lr_ratio: float = 0.1
@@ -127,12 +129,15 @@ class StepSampler:
             if stage == "caption":
                 pairs = [(CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))],
                           r["captions"][int(rng.integers(len(r["captions"])))])]
+                turns = [pairs]
             else:
-                qs = grid_questions(r["attributes"], rng, "train", TRAIN_CELLS, k=cfg.qa_per_image)
+                qs = grid_questions(r["attributes"], rng, "train", TRAIN_CELLS, k=cfg.qa_per_image * cfg.qa_turns)
                 pairs = [(q["question"], q["answer"]) for q in qs]
-            for question, answer in pairs:
+                turns = [pairs[c:c + cfg.qa_turns] for c in range(0, len(pairs), cfg.qa_turns)]
+            for conv in turns:
                 images.append(i)
-                convs.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+                convs.append([m for question, answer in conv for m in (
+                    {"role": "user", "content": question}, {"role": "assistant", "content": answer})])
         return images, convs, stage
 
 
