@@ -263,6 +263,16 @@ def bench_index_search(base: np.ndarray, sets: dict[str, np.ndarray], truths: di
 
 
 # ------------------------------------------------------------------------------------------------ ingest
+def _synthdrive_jpegs(folder: Path, n: int, size: int) -> Path:
+    """``folder`` filled with ``n`` SynthDrive JPEGs (seed 7, ``size`` px) named ``00000.jpg``..."""
+    from shusheng.data.synthdrive import sample
+
+    folder.mkdir()
+    for i in range(n):
+        sample(7, i, size)[0].save(folder / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
 class _ProjectionEmbedder:
     """Pipeline-only embedder: a fixed random projection of a 16x16 thumbnail (no model cost)."""
 
@@ -296,18 +306,13 @@ def _random_open_clip_weights(arch: str, folder: Path) -> str:
 
 def bench_ingest(n_images: int, size: int, embedder_name: str | None, checkpoint: str | None,
                  random_weights: bool = False) -> list[dict]:
-    from shusheng.data.synthdrive import sample
     from shusheng.retrieval_index.embedders import create_embedder
     from shusheng.retrieval_index.ingest import index_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="shusheng-bench-ingest-"))
     rows = []
     try:
-        folder = tmp / "images"
-        folder.mkdir()
-        for i in range(n_images):
-            img, _ = sample(7, i, size)
-            img.save(folder / f"{i:05d}.jpg", quality=90)
+        folder = _synthdrive_jpegs(tmp / "images", n_images, size)
         embedders: list[tuple[str, object]] = [("pipeline-only (projection)", _ProjectionEmbedder())]
         name = embedder_name or "shusheng-mini-clip"
         if random_weights and checkpoint is None and name.startswith("open_clip:"):
@@ -362,7 +367,6 @@ def bench_ray_ingest(n_images: int, size: int, embedder_name: str | None, checkp
     import ray
     import torch
 
-    from shusheng.data.synthdrive import sample
     from shusheng.retrieval_index.ingest import index_folder
     from shusheng.retrieval_index.ray_ingest import RayEngine
 
@@ -370,11 +374,7 @@ def bench_ray_ingest(n_images: int, size: int, embedder_name: str | None, checkp
     tmp = Path(tempfile.mkdtemp(prefix="shusheng-bench-ray-"))
     rows = []
     try:
-        folder = tmp / "images"
-        folder.mkdir()
-        for i in range(n_images):
-            img, _ = sample(7, i, size)
-            img.save(folder / f"{i:05d}.jpg", quality=90)
+        folder = _synthdrive_jpegs(tmp / "images", n_images, size)
         threads = torch.get_num_threads()
         # warm-up (not timed): loads the model once in this process (the bundled one stays cached) and torch
         warm = tmp / "warm"

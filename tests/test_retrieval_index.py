@@ -626,6 +626,15 @@ def test_vector_file_behind_metadata_is_reconciled(photos):
 
 
 # ------------------------------------------------------------------------------------------------ index type
+def _add_vectors(idx: Index, vecs: np.ndarray) -> None:
+    """One virtual file per vector, committed."""
+    for i, v in enumerate(vecs):
+        fid = idx.put_file(f"/virtual/{i}.png", size=1, mtime_ns=0, digest=f"h{i}", date="2020-01-01T00:00:00",
+                           date_source="mtime", width=8, height=8)
+        idx.add_entries(fid, v[None], [None])
+    idx.commit()
+
+
 def test_choose_index_spec_rule():
     assert choose_index_spec(0).exact and choose_index_spec(49_999).factory == "IDMap2,Flat"
     s100k = choose_index_spec(100_000)
@@ -644,11 +653,7 @@ def test_switch_to_ivf_and_back(tmp_path, monkeypatch):
     vecs = centres[rng.integers(0, 20, 1200)] + 0.3 * rng.normal(size=(1200, 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     with Index.open(tmp_path / "idx", create=True, embedder_name="vec", dim=16) as idx:
-        for i, v in enumerate(vecs):
-            fid = idx.put_file(f"/virtual/{i}.png", size=1, mtime_ns=0, digest=f"h{i}", date="2020-01-01T00:00:00",
-                               date_source="mtime", width=8, height=8)
-            idx.add_entries(fid, v[None], [None])
-        idx.commit()
+        _add_vectors(idx, vecs)
         assert idx.spec.factory.startswith("IVF") and idx.spec.factory.endswith(",SQ8")
     with Index.open(tmp_path / "idx") as idx:
         assert idx.spec.factory.startswith("IVF")
@@ -679,11 +684,7 @@ def test_text_queries_visit_more_ivf_lists(tmp_path, monkeypatch):
             return np.stack([vecs[int(t)] for t in texts])
 
     with Index.open(tmp_path / "idx", create=True, embedder_name="vec", dim=16) as idx:
-        for i, v in enumerate(vecs):
-            fid = idx.put_file(f"/virtual/{i}.png", size=1, mtime_ns=0, digest=f"h{i}", date="2020-01-01T00:00:00",
-                               date_source="mtime", width=8, height=8)
-            idx.add_entries(fid, v[None], [None])
-        idx.commit()
+        _add_vectors(idx, vecs)
     spec = choose_index_spec(1_000_000)
     assert spec.nprobe_for("image") == 128 and spec.nprobe_for("text") == 128 * vectors_mod.TEXT_NPROBE_FACTOR
     assert vectors_mod.IndexSpec("IVF64,SQ8", nprobe=32, nlist=64).nprobe_for("text") == 64  # capped at nlist
