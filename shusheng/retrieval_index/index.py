@@ -506,8 +506,10 @@ class Index:
             if q.shape[0] != self.dim:
                 raise EmbedderMismatchError(f"query vector has dim {q.shape[0]}, index has {self.dim}")
         modality = modality or ("text" if text is not None and vector is None else "image")
-        if nprobe is None and self.spec.nprobe_for(modality) != self.spec.nprobe:
-            nprobe = self.spec.nprobe_for(modality)
+        if nprobe is None:  # None keeps the index's own setting (and a GPU copy, if any) for image queries
+            spec = self.spec
+            wanted = spec.nprobe_for(modality)
+            nprobe = wanted if wanted != spec.nprobe else None
         lo, hi = parse_date(date_from, end=False), parse_date(date_to, end=True)
         with self._mutex:
             ntotal = self.ntotal
