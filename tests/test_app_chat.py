@@ -190,7 +190,7 @@ def test_without_a_trained_bridge_the_tab_says_why_and_adds_no_api(monkeypatch, 
         raise weights.BundledWeightsNotFound(f"{name} is missing")
 
     monkeypatch.setattr(weights, "bundled_path", missing)
-    assert [t.title for t in load_tabs()][-1] == "Chat"
+    assert "Chat" in [t.title for t in load_tabs()]
     reason = chat.TAB.available()
     assert reason is not None and "shusheng train bridge" in reason and "shusheng-mini-bridge" in reason
     assert "shusheng demo --bridge" in reason

@@ -188,12 +188,28 @@ def test_dense_tower_backbone_saves_and_loads_alone(tmp_path):
 
 
 def test_bundled_folders_use_the_schema():
+    """Every bundled folder has a model card and one of the two index files: a ``config.json`` of the one
+    save/load schema, or a diffusers ``model_index.json`` whose components all have their sub-folder.
+    (tests/test_generation.py also runs this test over a fake bundled diffusers folder, and a broken one.)"""
     from shusheng.weights import bundled_path, list_bundled
 
     for name in list_bundled():
-        cfg = read_config(bundled_path(name))
-        assert {"model_type", "config", "preprocess"} <= set(cfg), name
-        assert Preprocess.from_dict(cfg["preprocess"]).size == 128
+        folder = bundled_path(name)
+        assert (folder / "MODEL_CARD.md").is_file(), f"{name} has no MODEL_CARD.md"
+        if (folder / "config.json").is_file():
+            cfg = read_config(folder)
+            assert {"model_type", "config", "preprocess"} <= set(cfg), name
+            assert Preprocess.from_dict(cfg["preprocess"]).size == 128
+            continue
+        index = json.loads((folder / "model_index.json").read_text())
+        assert isinstance(index.get("_class_name"), str) and index["_class_name"], name
+        components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+        named = {k: v for k, v in components.items() if len(v) == 2 and v[0] is not None}
+        assert named, f"{name}/model_index.json names no component"
+        for component, (library, class_name) in named.items():
+            assert isinstance(library, str) and isinstance(class_name, str), (name, component)
+            sub = folder / component
+            assert sub.is_dir() and any(sub.glob("*.json")), f"{name}/{component}/ is missing or has no config"
 
 
 def test_model_class_for_reads_new_and_old_layouts(tmp_path):

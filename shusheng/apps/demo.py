@@ -8,6 +8,7 @@ Examples::
     shusheng demo --collection ~/Pictures          # search your own folder instead
     shusheng demo --checkpoint runs/clip/final     # another save_pretrained folder of shusheng-mini-clip
     shusheng demo --bridge runs/bridge/final       # the Chat tab with a bridge trained by shusheng train bridge
+    shusheng demo --t2i runs/t2i/final             # the Generate tab with a model trained by shusheng train t2i
 
 First run: renders ``--n`` SynthDrive scenes (train split, seed 0, 128 px, the embedder's training resolution)
 into the cache folder ``$SHUSHENG_CACHE_DIR/demo/`` (default ``~/.cache/shusheng/demo/``) and indexes them with the
@@ -85,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bridge", metavar="DIR",
                         help="a trained LLM bridge folder for the Chat tab (shusheng train bridge writes "
                              "<output>/final; default: the bundled shusheng-mini-bridge, not bundled yet)")
+    parser.add_argument("--t2i", metavar="DIR",
+                        help="a trained text-to-image pipeline folder for the Generate tab (shusheng train t2i "
+                             "writes <output>/final; default: the bundled shusheng-mini-t2i, not bundled yet)")
     access = parser.add_argument_group("access (serving beyond 127.0.0.1 needs a password)")
     access.add_argument("--auth", action="append", metavar="USER:PASSWORD",
                         help="an account of the login page (repeatable; visible to other users of this machine in "
@@ -271,6 +275,11 @@ def run(args: argparse.Namespace) -> int:
         logger.error("--bridge %s is not an LLM bridge folder (no config.json); shusheng train bridge writes "
                      "<output>/final", bridge)
         return 2
+    t2i = getattr(args, "t2i", None)
+    if t2i and not (Path(t2i).expanduser() / "model_index.json").is_file():
+        logger.error("--t2i %s is not a text-to-image pipeline folder (no model_index.json); shusheng train t2i "
+                     "writes <output>/final", t2i)
+        return 2
     import_gradio()  # fail early (with the pip hint) when the apps extra is missing
     for noisy in ("httpx", "faiss.loader"):  # one line per HTTP request / per FAISS build tried
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -326,12 +335,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     tabs = None
-    if bridge:  # the Chat tab over that folder instead of the bundled bridge
+    if bridge or t2i:  # the Chat / Generate tab over that folder instead of the bundled model
         from shusheng.apps.tabs import load_tabs
         from shusheng.apps.tabs.chat import ChatTab
+        from shusheng.apps.tabs.generate import GenerateTab
 
-        tabs = [ChatTab(os.fspath(Path(bridge).expanduser().absolute())) if isinstance(t, ChatTab) else t
-                for t in load_tabs()]
+        def folder(path: str) -> str:
+            return os.fspath(Path(path).expanduser().absolute())
+
+        tabs = []
+        for t in load_tabs():
+            if bridge and isinstance(t, ChatTab):
+                t = ChatTab(folder(bridge))
+            elif t2i and isinstance(t, GenerateTab):
+                t = GenerateTab(folder(t2i))
+            tabs.append(t)
     demo = build_demo(index_path, embedder, folder=folder, examples=EXAMPLE_QUERIES if generated else (),
                       title="Shusheng demo", device=args.device, policy=policy, limits=limits, tabs=tabs)
     try:

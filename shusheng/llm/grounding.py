@@ -15,8 +15,13 @@ pedestrians (on the crosswalk or the sidewalk), the crosswalk, the weather and t
     >>> unsupported_mentions("A red bus waits at a green light in the rain.", scene_attributes)
     [Mention(kind='vehicle', value='red bus', text='red bus', ...)]
 
-This is a keyword check, not a parser: it finds the phrasings SynthDrive's captions use and common variants;
-anything it cannot tie to the vocabulary is left unjudged rather than reported.
+This is a keyword check, not a parser: it finds the phrasings SynthDrive's captions use and common variants
+(number words and digits, plural and synonym nouns, a few adjectives between a number, a colour and a vehicle:
+"two parked red cars", "a yellow school bus"; "no traffic", "nobody on the crosswalk"; weather and time words
+beyond the captions': "showers", "cloudless", "midnight", "dawn"); anything it cannot tie to the vocabulary is
+left unjudged rather than reported. SynthDrive has three times of day, so dawn and sunrise count as ``dusk``
+(the same low-sun sky). The text-to-image faithfulness check (:mod:`shusheng.generation.faithfulness`) reads
+prompts with the same finder.
 """
 
 from __future__ import annotations
@@ -34,9 +39,14 @@ _LIGHT_STATES = {"red": "red", "yellow": "yellow", "amber": "yellow", "orange": 
 _VEHICLES = {"car": "car", "cars": "car", "automobile": "car", "automobiles": "car", "sedan": "car", "sedans": "car",
              "truck": "truck", "trucks": "truck", "lorry": "truck", "lorries": "truck",
              "bus": "bus", "buses": "bus", "busses": "bus", "coach": "bus", "coaches": "bus",
-             "vehicle": None, "vehicles": None}
-_NUMBERS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-            "nine": 9, "ten": 10, **{str(i): i for i in range(11)}}
+             "vehicle": None, "vehicles": None, "traffic": None}
+_NUMBERS = {"zero": 0, "one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+            "eight": 8, "nine": 9, "ten": 10, **{str(i): i for i in range(11)}}
+# words that may stand between a number, a colour and a vehicle noun ("two parked red cars", "a red delivery truck")
+_VEHICLE_ADJ = ("parked", "moving", "passing", "waiting", "stopped", "oncoming", "small", "large", "big", "little",
+                "long", "old", "new", "shiny", "lone", "city", "delivery", "school", "tour", "pickup", "passenger")
+# "traffic" names vehicles ("no traffic", "heavy traffic"), except in these compounds
+_TRAFFIC_COMPOUND = re.compile(r"\s+(?:lights?|signals?|signs?|lamps?|lanes?|cones?|islands?|police|rules?|laws?)\b")
 _PEOPLE = ("pedestrians", "pedestrian", "people", "persons", "person", "walkers", "walker", "men", "man", "women",
            "woman", "children", "child", "someone", "somebody")
 
@@ -46,7 +56,8 @@ def _alt(words) -> str:
 
 
 _NUM = rf"(?:(?P<num>{_alt(_NUMBERS)})\s+)?"
-_VEHICLE_RE = re.compile(rf"\b{_NUM}(?:(?P<color>{_alt(_COLORS)})\s+)?(?:passenger\s+)?(?P<noun>{_alt(_VEHICLES)})\b")
+_ADJS = rf"(?:(?:{_alt(_VEHICLE_ADJ)})\s+)*"
+_VEHICLE_RE = re.compile(rf"\b{_NUM}{_ADJS}(?:(?P<color>{_alt(_COLORS)})\s+)?{_ADJS}(?P<noun>{_alt(_VEHICLES)})\b")
 _LIGHT_NOUN = r"(?:traffic\s+lights?|traffic\s+signals?|stop\s?lights?|signals?|lights?)"
 _LIGHT_BEFORE = re.compile(rf"\b(?P<state>{_alt(_LIGHT_STATES)})\s+{_LIGHT_NOUN}\b")
 _LIGHT_AFTER = re.compile(rf"\b{_LIGHT_NOUN}\s+(?:(?:that|which)\s+)?(?:is\s+|are\s+|shows\s+|showing\s+|turned\s+|"
@@ -59,27 +70,34 @@ _SIGNS = [
     (re.compile(r"\bsigns?\s+limiting\s+(?:the\s+)?speed\s+to\s+(?P<n>\d+)"), "speed"),
     (re.compile(r"\b(?P<n>\d+)\s*(?:km/h|kmh|kph|mph)(?:\s+(?:speed\s+)?(?:limit\s+)?signs?)?"), "speed"),
     (re.compile(r"\bspeed[\s-]limit(?:\s+signs?)?\b"), "speed"),
-    (re.compile(r"\b(?:road\s+|traffic\s+|street\s+)?signs?\b"), None),
+    (re.compile(r"\b(?:road\s+|traffic\s+|street\s+)?signs?\b(?!\s+of\b)"), None),  # not "no sign of rain"
 ]
-_PEDESTRIAN_RE = re.compile(rf"\b{_NUM}(?P<noun>{_alt(_PEOPLE)})\b(?!\s+crossings?\b)")
+# "pedestrian crossing" is the crosswalk, "a man crossing the road" a pedestrian
+_PEDESTRIAN_RE = re.compile(rf"\b{_NUM}(?P<noun>{_alt(_PEOPLE)})\b(?!\s+crossings?\b(?!\s+(?:the|a|an)\b))")
+_NOBODY_RE = re.compile(r"\b(?:nobody|no[\s-]one)\b")  # a pedestrian mention that is its own negation
 _AT_CROSSWALK = re.compile(r"\b(?:on|at|in|across|crossing|using)\s+(?:the\s+|a\s+)?(?:marked\s+)?"
                            r"(?:crosswalk|zebra\s+crossing|pedestrian\s+crossing)\b"
                            r"|\bcrossing\s+the\s+(?:street|road)\b")
 _AT_SIDEWALK = re.compile(r"\b(?:on|along|at)\s+(?:the\s+|a\s+)?(?:sidewalk|pavement)\b")
 _CROSSWALK_RE = re.compile(r"\b(?:crosswalks?|zebra\s+crossings?|pedestrian\s+crossings?)\b")
 _WEATHER = [
-    (re.compile(r"\b(?:rain|rainy|raining|rain-soaked|wet|drizzle|drizzling|downpour)\b"), "rain"),
-    (re.compile(r"\b(?:fog|foggy|mist|misty|haze|hazy)\b"), "fog"),
-    (re.compile(r"\b(?:sunny|dry|clear\s+(?:weather|sky|skies|conditions))\b"), "clear"),
+    (re.compile(r"\b(?:rain|rainy|raining|rain-soaked|rainfall|rainstorm|wet|drizzle|drizzling|downpour|pouring|"
+                r"showers?|showery|storm|stormy|thunderstorm)\b"), "rain"),
+    (re.compile(r"\b(?:fog|foggy|fog-bound|fogbound|mist|misty|haze|hazy)\b"), "fog"),
+    (re.compile(r"\b(?:sunny|sunshine|sunlit|cloudless|dry|fine\s+weather|"
+                r"clear\s+(?:weather|sky|skies|conditions|day|night|morning|afternoon|evening)|"
+                r"(?:sky|skies|weather)\s+(?:is\s+|are\s+)?clear)\b"), "clear"),
 ]
 _TIME = [
-    (re.compile(r"\b(?:daytime|daylight|day-time|day|morning|afternoon)\b"), "day"),
-    (re.compile(r"\b(?:dusk|evening|twilight|sunset)\b"), "dusk"),
-    (re.compile(rf"\b(?:night-time|nighttime|night|after\s+dark|dark\b(?!\s+(?:{_alt(_COLORS)}|{_alt(_VEHICLES)})))"),
-     "night"),
+    (re.compile(r"\b(?:daytime|daylight|day-time|day|morning|afternoon|noon|midday|mid-day)\b"), "day"),
+    (re.compile(r"\b(?:dusk|evening|twilight|sunset|sundown|dawn|sunrise|daybreak)\b"), "dusk"),
+    (re.compile(rf"\b(?:night-time|nighttime|night|midnight|after\s+dark|"
+                rf"dark\b(?!\s+(?:{_alt(_COLORS)}|{_alt(_VEHICLES)})))"), "night"),
 ]
 _CLAUSE_CUT = re.compile(r"[.,;:!?]|\b(?:and|but|while|whereas|with|although|though)\b")
 _NEGATION = re.compile(r"\b(?:no|not|without|never|none|nor|isn't|aren't|isn’t|aren’t|there's\s+no)\b|n't\b")
+# a preposition after the negation ends its reach: "no cars at the red light", "no pedestrians on the crosswalk"
+_PLACE_WORD = re.compile(r"\b(?:at|on|in|near|by|under|beside|behind|next|along|across|past|before|after)\b")
 
 
 @dataclass(frozen=True)
@@ -114,8 +132,9 @@ def _negated(text: str, start: int) -> bool:
     before = text[max(0, start - 60):start]
     cuts = list(_CLAUSE_CUT.finditer(before))
     clause = before[cuts[-1].end():] if cuts else before
-    words = clause.split()[-4:]
-    return bool(_NEGATION.search(" ".join(words)))
+    words = " ".join(clause.split()[-4:])
+    negations = list(_NEGATION.finditer(words))
+    return bool(negations) and not _PLACE_WORD.search(words, negations[-1].end())
 
 
 def find_mentions(text: str) -> list[Mention]:
@@ -133,6 +152,8 @@ def find_mentions(text: str) -> list[Mention]:
         found.append(Mention(kind, value, text[s:e], s, e, neg, None if count == 0 else count))
 
     for m in _VEHICLE_RE.finditer(low):
+        if m["noun"] == "traffic" and _TRAFFIC_COMPOUND.match(low, m.end()):
+            continue  # "traffic light", "traffic sign": not vehicles
         vtype, color = _VEHICLES[m["noun"]], _COLORS.get(m["color"] or "")
         value = f"{color} {vtype or 'vehicle'}" if color else (vtype or "vehicle")
         add("vehicle", value, m, _NUMBERS.get(m["num"] or ""))
@@ -148,13 +169,17 @@ def find_mentions(text: str) -> list[Mention]:
                 add("sign", f"speed_{int(n)}" if n else "speed", m)
             else:
                 add("sign", kind or "any", m)
-    for m in _PEDESTRIAN_RE.finditer(low):
-        rest = low[m.end():m.end() + 60]
+    def place(end: int) -> str:
+        rest = low[end:end + 60]
         cut = re.search(r"[.;:!?]|,\s|\b(?:and|but|while)\b", rest)
         rest = rest[:cut.start()] if cut else rest
-        where = "on crosswalk" if _AT_CROSSWALK.search(rest) else ("on sidewalk" if _AT_SIDEWALK.search(rest)
-                                                                    else "any")
-        add("pedestrian", where, m, _NUMBERS.get(m["num"] or ""))
+        return "on crosswalk" if _AT_CROSSWALK.search(rest) else ("on sidewalk" if _AT_SIDEWALK.search(rest)
+                                                                   else "any")
+
+    for m in _PEDESTRIAN_RE.finditer(low):
+        add("pedestrian", place(m.end()), m, _NUMBERS.get(m["num"] or ""))
+    for m in _NOBODY_RE.finditer(low):
+        add("pedestrian", place(m.end()), m, 0)  # "nobody": a count of zero, i.e. negated
     for m in _CROSSWALK_RE.finditer(low):
         add("crosswalk", "crosswalk", m)
     for table, kind in ((_WEATHER, "weather"), (_TIME, "time")):

@@ -1,6 +1,8 @@
 """Registry of the bundled pretrained models: one folder per model under ``shusheng/weights/<name>/`` holding
-``config.json`` (constructor arguments and preprocessing), the safetensors weights and ``MODEL_CARD.md`` (data
-seed and size, command, steps, wall time, metrics). Every folder is reproducible with ``shusheng train ...``.
+its index file, the safetensors weights and ``MODEL_CARD.md`` (data seed and size, command, steps, wall time,
+metrics). The index file is ``config.json`` (constructor arguments and preprocessing, :mod:`shusheng.modeling`)
+for the project's own models, ``model_index.json`` (its components, one sub-folder each) for a diffusers pipeline
+folder such as ``shusheng-mini-t2i``. Every folder is reproducible with ``shusheng train ...``.
 
     >>> from shusheng.weights import bundled_path, list_bundled
     >>> list_bundled()
@@ -12,9 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["TRAIN_COMMANDS", "BundledWeightsNotFound", "bundled_path", "list_bundled"]
+__all__ = ["INDEX_FILES", "TRAIN_COMMANDS", "BundledWeightsNotFound", "bundled_path", "list_bundled"]
 
 _ROOT = Path(__file__).resolve().parent
+#: the files that make a folder a bundled model: a ``config.json`` of :mod:`shusheng.modeling`, or the
+#: ``model_index.json`` of a diffusers pipeline folder
+INDEX_FILES = ("config.json", "model_index.json")
 
 #: bundled model name -> the command that trains it and writes its folder
 TRAIN_COMMANDS: dict[str, str] = {
@@ -23,6 +28,8 @@ TRAIN_COMMANDS: dict[str, str] = {
                                   "shusheng/weights/shusheng-mini-uniperceiver/MODEL_CARD.md)",
     "shusheng-mini-bridge": "shusheng train bridge --output runs/bridge (see docs/llm.md); then copy "
                             "runs/bridge/final to shusheng/weights/shusheng-mini-bridge",
+    "shusheng-mini-t2i": "shusheng train t2i --output runs/t2i (see docs/generation.md); then copy runs/t2i/final "
+                         "to shusheng/weights/shusheng-mini-t2i",
 }
 
 
@@ -30,24 +37,30 @@ class BundledWeightsNotFound(FileNotFoundError):
     """A bundled model's folder is missing or incomplete; the message names the command that trains it."""
 
 
+def _is_model_folder(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in INDEX_FILES)
+
+
 def list_bundled() -> list[str]:
-    """Names of the bundled models present in this installation (folders with a ``config.json``)."""
-    return sorted(p.name for p in _ROOT.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    """Names of the bundled models present in this installation (folders with a ``config.json`` or a
+    ``model_index.json``)."""
+    return sorted(p.name for p in _ROOT.iterdir() if _is_model_folder(p))
 
 
 def bundled_path(name: str) -> Path:
     """The folder of bundled model ``name``.
 
     Raises:
-        BundledWeightsNotFound: the folder (or its ``config.json``) does not exist. The message says how to
-            train the model, or lists the models that are bundled when ``name`` is unknown.
+        BundledWeightsNotFound: the folder does not exist or has neither a ``config.json`` nor a
+            ``model_index.json``. The message says how to train the model, or lists the models that are bundled
+            when ``name`` is unknown.
     """
     folder = _ROOT / name
-    if (folder / "config.json").is_file():
+    if _is_model_folder(folder):
         return folder
     if name in TRAIN_COMMANDS:
         raise BundledWeightsNotFound(
-            f"the bundled weights of {name!r} are missing ({folder} has no config.json); train them with: "
-            f"{TRAIN_COMMANDS[name]}")
+            f"the bundled weights of {name!r} are missing ({folder} has neither config.json nor "
+            f"model_index.json); train them with: {TRAIN_COMMANDS[name]}")
     raise BundledWeightsNotFound(
         f"no bundled model named {name!r}; bundled here: {list_bundled() or 'none'}; known: {sorted(TRAIN_COMMANDS)}")

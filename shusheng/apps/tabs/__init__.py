@@ -26,6 +26,7 @@ import importlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -38,12 +39,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TAB_MODULES", "AppContext", "AppLimits", "FolderPolicy", "Tab", "TabUnavailable", "UserInputError",
-           "image_input", "import_gradio", "load_tabs", "shown_to_user", "unavailable_tab", "upload_error"]
+__all__ = ["TAB_MODULES", "AppContext", "AppLimits", "FolderPolicy", "SessionStops", "Tab", "TabUnavailable",
+           "UserInputError", "image_input", "import_gradio", "load_tabs", "session_key", "shown_to_user",
+           "unavailable_tab", "upload_error"]
 
 #: The app's tabs, in order; each module has a ``TAB``. The first one (Search) is the app's main tab.
 TAB_MODULES: tuple[str, ...] = ("shusheng.apps.tabs.search", "shusheng.apps.tabs.caption_vqa",
-                               "shusheng.apps.tabs.chat")
+                               "shusheng.apps.tabs.chat", "shusheng.apps.tabs.generate")
 
 
 @dataclass
@@ -219,3 +221,36 @@ def image_input(gr, limits: AppLimits | None = None, **kwargs):
     component.preprocess = _path_only_preprocess(gr, component)
     component.async_move_resource_to_block_cache = _no_url_fetch(gr, component)
     return component
+
+
+class SessionStops:
+    """The stop events of the requests in progress, per browser session (a Stop ends only its own session's)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[Any, set[threading.Event]] = {}
+
+    def start(self, key: Any) -> threading.Event:
+        ev = threading.Event()
+        with self._lock:
+            self._events.setdefault(key, set()).add(ev)
+        return ev
+
+    def end(self, key: Any, ev: threading.Event) -> None:
+        with self._lock:
+            events = self._events.get(key, set())
+            events.discard(ev)
+            if not events:
+                self._events.pop(key, None)
+
+    def stop(self, key: Any) -> int:
+        with self._lock:
+            events = list(self._events.get(key, ()))
+        for ev in events:
+            ev.set()
+        return len(events)
+
+
+def session_key(request: Any) -> Any:
+    """The browser session of a Gradio request (None outside one): what Stop buttons and per-visitor state key on."""
+    return getattr(request, "session_hash", None)

@@ -39,9 +39,11 @@ from typing import Any  # no postponed annotations here: Gradio reads the gr.Req
 
 from shusheng.apps.tabs import (
     AppContext,
+    SessionStops,
     TabUnavailable,
     image_input,
     import_gradio,
+    session_key,
     shown_to_user,
     upload_error,
 )
@@ -83,38 +85,6 @@ def grounding_detector():
         return None
 
 
-class _Running:
-    """The stop events of the answers in progress, per browser session (Stop ends only its own session's)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._events: dict[Any, set[threading.Event]] = {}
-
-    def start(self, key: Any) -> threading.Event:
-        ev = threading.Event()
-        with self._lock:
-            self._events.setdefault(key, set()).add(ev)
-        return ev
-
-    def end(self, key: Any, ev: threading.Event) -> None:
-        with self._lock:
-            events = self._events.get(key, set())
-            events.discard(ev)
-            if not events:
-                self._events.pop(key, None)
-
-    def stop(self, key: Any) -> int:
-        with self._lock:
-            events = list(self._events.get(key, ()))
-        for ev in events:
-            ev.set()
-        return len(events)
-
-
-def _session(request: Any) -> Any:
-    return getattr(request, "session_hash", None)
-
-
 def _produce(pipe, image, conversation, stop_event, out: queue.Queue, lock, detector, max_new_tokens) -> None:
     """The worker thread of one answer: stream it under the model lock, then what the detector sees."""
     try:
@@ -154,7 +124,7 @@ def chat_tab(pipe, samples: list[Any] | None = None, ctx: AppContext | None = No
     samples = sample_images() if samples is None else samples
     ctx = ctx or AppContext()
     model_lock = threading.Lock()  # one model, one tokenizer: one answer at a time
-    running = _Running()
+    running = SessionStops()
 
     with gr.Tab(ChatTab.title) as tab:
         with gr.Row():
@@ -194,7 +164,7 @@ def chat_tab(pipe, samples: list[Any] | None = None, ctx: AppContext | None = No
             history = history + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
             yield list(history), conv, "", ""
 
-            key = _session(request)
+            key = session_key(request)
             stop_event = running.start(key)
             pieces: queue.Queue = queue.Queue()
             threading.Thread(target=_produce, args=(pipe, im, asked, stop_event, pieces, model_lock, detector,
@@ -260,10 +230,10 @@ def chat_tab(pipe, samples: list[Any] | None = None, ctx: AppContext | None = No
             yield list(history), conv, note, ""
 
         def stop_chat(request: gr.Request = None):
-            running.stop(_session(request))
+            running.stop(session_key(request))
 
         def clear_chat(request: gr.Request = None):
-            running.stop(_session(request))
+            running.stop(session_key(request))
             return [], [], ""
 
         gallery.select(pick, None, image, api_name="pick_chat_sample", api_visibility="undocumented")
