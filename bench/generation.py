@@ -142,6 +142,10 @@ def faithfulness_section(pipe, items, checker, ceil, args) -> tuple[dict, list[d
         values[f"faith_{kind}"] = shares[kind]["share"]
         rows.append(_row(f"faith_{kind}", f"faithfulness: {name} (share of facts that hold)", shares[kind]["share"],
                          "share", shares[kind]["n"], real))
+    strict = ff.shares_by_kind(results, strict=True)["all"]
+    values["faith_all_strict"] = strict["share"]
+    rows.append(_row("faith_all_strict", "faithfulness: all facts, a fact of an out-of-domain image failing",
+                     strict["share"], "share", strict["n"], ""))
     in_domain = sum(bool(r.in_domain) for r in results) / len(results)
     rows.append(_row("in_domain", "generated images the decoder's in-domain check accepts", in_domain, "share",
                      len(results), ceil["in_domain"]))

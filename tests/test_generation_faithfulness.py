@@ -136,6 +136,14 @@ def test_own_captions_mostly_hold_and_swapped_ones_far_less(own_and_swapped):
     # time of day and weather come from the decoder, which reads them from the sky and the haze
     assert by_kind["time"]["share"] >= 0.9 and by_kind["weather"]["share"] >= 0.9
     assert by_kind["all"]["n"] == sum(len(r.checks) for r in own)
+    # strict: the facts of images the in-domain check rejects count as failing
+    import dataclasses
+
+    half = [dataclasses.replace(r, in_domain=False) if i % 2 else r for i, r in enumerate(own)]
+    strict = ff.shares_by_kind(half, strict=True)["all"]
+    kept = sum(bool(c.holds) for i, r in enumerate(own) if not i % 2 and r.in_domain is not False for c in r.checks)
+    assert strict["n"] == by_kind["all"]["n"] and strict["holds"] == kept < by_kind["all"]["holds"]
+    assert ff.shares_by_kind(half)["all"] == by_kind["all"]  # not strict: the domain is ignored
 
 
 def test_verdicts_agree_with_the_annotations(own_and_swapped, scenes):

@@ -426,14 +426,16 @@ class FaithfulnessResult:
                 "domain_score": self.domain_score, "checks": [c.to_dict() for c in self.checks]}
 
 
-def shares_by_kind(results: Iterable[FaithfulnessResult]) -> dict[str, dict[str, float | int]]:
+def shares_by_kind(results: Iterable[FaithfulnessResult], strict: bool = False) -> dict[str, dict[str, float | int]]:
     """``{kind: {"share", "holds", "n"}}`` over all checks of ``results`` (kinds without facts are left out), plus
-    ``"all"`` over every fact."""
+    ``"all"`` over every fact. ``strict``: a fact of an image that the decoder's in-domain check rejects counts as
+    not holding (the judge's verdicts on pictures unlike its training scenes are not evidence)."""
     holds: dict[str, list[bool]] = {k: [] for k in (*FACT_KINDS, "all")}
     for r in results:
         for c in r.checks:
-            holds[c.kind].append(c.holds)
-            holds["all"].append(c.holds)
+            ok = bool(c.holds) and (not strict or r.in_domain is not False)
+            holds[c.kind].append(ok)
+            holds["all"].append(ok)
     return {k: {"share": sum(v) / len(v), "holds": sum(v), "n": len(v)} for k, v in holds.items() if v}
 
 
