@@ -153,6 +153,13 @@ def warmup_cosine(step: int, warmup: int, decay_start: int, decay_steps: int, fl
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def stage_tail(history: Sequence[Mapping[str, Any]], stage: str, n: int) -> float | None:
+    """Mean ``loss`` of the last ``n`` entries of ``history`` whose ``stage`` is ``stage`` (None when there are none):
+    the final loss a run reports, less noisy than its last step."""
+    vals = [h["loss"] for h in history if h.get("stage") == stage][-n:]
+    return float(sum(vals) / len(vals)) if vals else None
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr`` times its ``lr_scale`` (1 when absent)."""
     for g in optimizer.param_groups:

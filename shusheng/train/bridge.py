@@ -340,8 +340,7 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
     save()
 
     def tail(stage: str) -> float | None:
-        vals = [h["loss"] for h in history if h["stage"] == stage][-20:]
-        return float(np.mean(vals)) if vals else None
+        return _loop.stage_tail(history, stage, 20)
 
     metrics = {"steps": step, "caption_steps": cfg.caption_steps, "qa_steps": cfg.qa_steps,
                "wall_time_s": round(elapsed, 1), "stopped_early": stopped_early,

@@ -438,8 +438,7 @@ def train(cfg: T2ITrainConfig) -> dict[str, Any]:
     save()
 
     def tail(stage: str) -> float | None:
-        vals = [h["loss"] for h in history if h["stage"] == stage][-50:]
-        return float(np.mean(vals)) if vals else None
+        return _loop.stage_tail(history, stage, 50)
 
     metrics: dict[str, Any] = {
         "steps": step, "unet_steps": max(0, step - cfg.first_unet_step), "vae_steps": min(step, cfg.first_unet_step),

@@ -29,6 +29,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from shusheng._deps import require
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TAB_MODULES", "AppContext", "AppLimits", "FolderPolicy", "SessionStops", "Tab", "TabUnavailable",
            "UserInputError", "image_input", "import_gradio", "load_tabs", "session_key", "shown_to_user",
-           "unavailable_tab", "upload_error"]
+           "trained_model_reason", "unavailable_tab", "upload_error"]
 
 #: The app's tabs, in order; each module has a ``TAB``. The first one (Search) is the app's main tab.
 TAB_MODULES: tuple[str, ...] = ("shusheng.apps.tabs.search", "shusheng.apps.tabs.caption_vqa",
@@ -254,3 +255,26 @@ class SessionStops:
 def session_key(request: Any) -> Any:
     """The browser session of a Gradio request (None outside one): what Stop buttons and per-visitor state key on."""
     return getattr(request, "session_hash", None)
+
+
+def trained_model_reason(given: str | None, *, index_file: str, bundled: str, modules: Sequence[str], needs: str,
+                         folder_kind: str, train_command: str, flag: str, missing: str) -> str | None:
+    """Why a tab over a trained model cannot be built, or None: ``needs`` when one of ``modules`` is not
+    installed; for a folder ``given`` by the app's operator, when it lacks ``index_file`` (it is not
+    ``folder_kind``); otherwise ``missing`` when the bundled model ``bundled`` is not there. Cheap: loads nothing."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in modules):
+        return needs
+    if given is not None:
+        if not (Path(given).expanduser() / index_file).is_file():
+            return (f"`{given}` is not {folder_kind} (it has no {index_file}). Train one with `{train_command}` and "
+                    f"pass `{flag}`.")
+        return None
+    from shusheng.weights import BundledWeightsNotFound, bundled_path
+
+    try:
+        bundled_path(bundled)
+    except BundledWeightsNotFound:
+        return missing
+    return None

@@ -33,7 +33,6 @@ import logging
 import queue
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any  # no postponed annotations here: Gradio reads the gr.Request annotation of the events
 
@@ -45,6 +44,7 @@ from shusheng.apps.tabs import (
     import_gradio,
     session_key,
     shown_to_user,
+    trained_model_reason,
     upload_error,
 )
 from shusheng.apps.tabs.caption_vqa import domain_notice, sample_images
@@ -264,22 +264,11 @@ class ChatTab:
 
     def available(self) -> str | None:
         """``None`` when a trained bridge folder is there and transformers is installed, else why not."""
-        import importlib.util
-
-        if importlib.util.find_spec("transformers") is None:
-            return "The chat model needs transformers: `pip install 'shusheng[llm]'`."
-        if self.bridge is not None:
-            if not (Path(self.bridge).expanduser() / "config.json").is_file():
-                return (f"`{self.bridge}` is not an LLM bridge folder (it has no config.json). "
-                        f"Train one with `{TRAIN_COMMAND}` and pass `--bridge runs/bridge/final`.")
-            return None
-        from shusheng.weights import BundledWeightsNotFound, bundled_path
-
-        try:
-            bundled_path(BUNDLED_MODEL)
-        except BundledWeightsNotFound:
-            return self.missing()
-        return None
+        return trained_model_reason(
+            self.bridge, index_file="config.json", bundled=BUNDLED_MODEL, modules=("transformers",),
+            needs="The chat model needs transformers: `pip install 'shusheng[llm]'`.",
+            folder_kind="an LLM bridge folder", train_command=TRAIN_COMMAND, flag="--bridge runs/bridge/final",
+            missing=self.missing())
 
     @staticmethod
     def missing() -> str:

@@ -55,6 +55,7 @@ from shusheng.apps.tabs import (
     import_gradio,
     session_key,
     shown_to_user,
+    trained_model_reason,
 )
 from shusheng.generation.config import BUNDLED_MODEL, TRAIN_COMMAND
 
@@ -465,22 +466,11 @@ class GenerateTab:
 
     def available(self) -> str | None:
         """``None`` when a trained pipeline folder is there and diffusers is installed, else why not."""
-        import importlib.util
-
-        if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None:
-            return "Text to image needs diffusers and transformers: `pip install 'shusheng[t2i]'`."
-        if self.model is not None:
-            if not (Path(self.model).expanduser() / "model_index.json").is_file():
-                return (f"`{self.model}` is not a text-to-image pipeline folder (it has no model_index.json). "
-                        f"Train one with `{TRAIN_COMMAND}` and pass `--t2i runs/t2i/final`.")
-            return None
-        from shusheng.weights import BundledWeightsNotFound, bundled_path
-
-        try:
-            bundled_path(BUNDLED_MODEL)
-        except BundledWeightsNotFound:
-            return self.missing()
-        return None
+        return trained_model_reason(
+            self.model, index_file="model_index.json", bundled=BUNDLED_MODEL, modules=("diffusers", "transformers"),
+            needs="Text to image needs diffusers and transformers: `pip install 'shusheng[t2i]'`.",
+            folder_kind="a text-to-image pipeline folder", train_command=TRAIN_COMMAND, flag="--t2i runs/t2i/final",
+            missing=self.missing())
 
     @staticmethod
     def missing() -> str:
