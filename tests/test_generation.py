@@ -581,3 +581,17 @@ def test_unet_config_checks_its_sizes():
         UNetConfig(sample_size=40)
     with pytest.raises(ValueError, match="cross_attention_levels"):
         UNetConfig(cross_attention_levels=6)
+
+
+def test_the_models_default_guidance_is_used_when_none_is_given(pipe):
+    old = pipe.config.default_guidance
+    try:
+        pipe.register_to_config(default_guidance=1.0)
+        default = pipe(PROMPTS[0], num_inference_steps=2, seed=0, progress=False)
+        assert "CFG scale: 1.0" in default.parameters[0]
+        same = pipe(PROMPTS[0], num_inference_steps=2, seed=0, guidance_scale=1.0, progress=False)
+        other = pipe(PROMPTS[0], num_inference_steps=2, seed=0, guidance_scale=5.0, progress=False)
+        np.testing.assert_array_equal(np.asarray(default.images[0]), np.asarray(same.images[0]))
+        assert not np.array_equal(np.asarray(default.images[0]), np.asarray(other.images[0]))
+    finally:
+        pipe.register_to_config(default_guidance=old)

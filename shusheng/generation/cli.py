@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (the next get S+1, ...); "
                                                           "default: random seeds, printed")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's own default_guidance)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt (default: none)")
     p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
                    help="sampler (default: the model's own, DDIM for shusheng train t2i)")
@@ -110,7 +111,7 @@ def _jobs(args: argparse.Namespace) -> tuple[dict, list[int], object | None]:
         raise ValueError(f"-n must be >= 1, got {n}")
     seeds = [args.seed + k for k in range(n)] if args.seed is not None else [secrets.randbits(32) for _ in range(n)]
     settings = dict(prompt=args.prompt, negative=args.negative or "", steps=20 if args.steps is None else args.steps,
-                    guidance=5.0 if args.guidance is None else args.guidance, scheduler=args.scheduler,
+                    guidance=args.guidance, scheduler=args.scheduler,
                     size=args.size)
     return settings, seeds, None
 

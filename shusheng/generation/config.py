@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["BUNDLED_MODEL", "DEFAULT_TEXT_ENCODER", "SAMPLER_LABELS", "SCHEDULERS", "TRAIN_COMMAND", "UNetConfig",
+__all__ = ["BUNDLED_MODEL", "DEFAULT_GUIDANCE", "DEFAULT_TEXT_ENCODER", "SAMPLER_LABELS", "SCHEDULERS", "TRAIN_COMMAND", "UNetConfig",
            "make_scheduler", "make_unet", "scheduler_name"]
 
 #: the bundled pipeline (``shusheng/weights/shusheng-mini-t2i``), trained by ``shusheng train t2i``
@@ -19,6 +19,9 @@ TRAIN_COMMAND = "shusheng train t2i --output runs/t2i"
 #: the text encoder a pipeline references by default: frozen all-MiniLM-L6-v2 through :mod:`shusheng.text_encoders`
 #: (its token-level last hidden states, 384-d, are the UNet's cross-attention context)
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+#: the guidance scale of a pipeline folder that names none (``default_guidance`` in its ``model_index.json``)
+DEFAULT_GUIDANCE = 5.0
 
 #: scheduler name -> diffusers class name (every one is built from the pipeline's saved scheduler config)
 SCHEDULERS: dict[str, str] = {

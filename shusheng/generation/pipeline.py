@@ -43,6 +43,7 @@ import torch
 from shusheng._deps import require
 from shusheng.generation.config import (
     BUNDLED_MODEL,
+    DEFAULT_GUIDANCE,
     DEFAULT_TEXT_ENCODER,
     TRAIN_COMMAND,
     make_scheduler,
@@ -226,7 +227,8 @@ class Text2ImagePipeline(diffusers.DiffusionPipeline):
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None,
-                 text_encoder_ref: str | None = None, model_name: str | None = None):
+                 text_encoder_ref: str | None = None, model_name: str | None = None,
+                 default_guidance: float = DEFAULT_GUIDANCE):
         super().__init__()
         if (text_encoder is None) != (tokenizer is None):
             raise ValueError("give both text_encoder and tokenizer, or neither (then text_encoder_ref is loaded)")
@@ -243,7 +245,7 @@ class Text2ImagePipeline(diffusers.DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
                               vae=vae)
         self.register_to_config(text_encoder_ref=None if text_encoder_ref is None else os.fspath(text_encoder_ref),
-                                model_name=model_name)
+                                model_name=model_name, default_guidance=float(default_guidance))
         self._interrupt = False
         self._hash_cache: tuple[Any, str] | None = None
 
@@ -447,7 +449,7 @@ class Text2ImagePipeline(diffusers.DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                 num_images_per_prompt: int = 1, num_inference_steps: int = 20, guidance_scale: float = 5.0,
+                 num_images_per_prompt: int = 1, num_inference_steps: int = 20, guidance_scale: float | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  seed: int | Sequence[int] | None = None, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, output_type: str = "pil",
@@ -463,6 +465,8 @@ class Text2ImagePipeline(diffusers.DiffusionPipeline):
             num_images_per_prompt: images per prompt.
             num_inference_steps: denoising steps, in ``[1, 1000]`` (and at most the training timesteps).
             guidance_scale: classifier-free guidance scale ``w >= 0``: ``eps = eps_neg + w (eps_pos - eps_neg)``;
+                None = the model's ``default_guidance`` (stored in its ``model_index.json``; chosen per model when it
+                is trained or bundled, 5.0 when the folder does not say);
                 ``w <= 1`` runs the prompt alone (``w = 1``: plain conditional sampling; no negative branch).
             generator: one ``torch.Generator`` (it draws every image's seed, in order) or a list, one per image
                 (used as they are; the seeds are then unknown: None).
@@ -503,6 +507,8 @@ class Text2ImagePipeline(diffusers.DiffusionPipeline):
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        if guidance_scale is None:
+            guidance_scale = float(getattr(self.config, "default_guidance", DEFAULT_GUIDANCE))
         self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, height, width, output_type,
                           tensor_inputs)
         sched = make_scheduler(scheduler, self.scheduler.config) if scheduler is not None else \

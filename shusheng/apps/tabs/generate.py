@@ -350,7 +350,8 @@ def generate_tab(pipe, ctx: AppContext | None = None, checker=None, *, checker_r
                 with gr.Row():
                     steps = gr.Slider(1, max_steps, value=min(20, max_steps), step=1, label="Steps",
                                       elem_id="generate-steps")
-                    guidance = gr.Slider(0.0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance",
+                    guidance = gr.Slider(0.0, MAX_GUIDANCE, step=0.5, label="Guidance",
+                                         value=min(MAX_GUIDANCE, float(pipe.config.get("default_guidance", 5.0))),
                                          elem_id="generate-guidance")
                 with gr.Row():
                     go_btn = gr.Button("Generate", variant="primary", elem_id="generate-go")
