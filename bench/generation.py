@@ -7,11 +7,11 @@ Measures, for a pipeline folder (``--model``; default the bundled ``shusheng-min
 
 * **faithfulness**: every prompt of ``bench/generation_prompts.json`` (62 prompts written for this benchmark, not
   SynthDrive captions, each listing the facts it states) is generated with ``--seeds`` seeds (0 .. seeds-1) and
-  ``--steps`` steps; :class:`shusheng.generation.faithfulness.FaithfulnessChecker` (the bundled decoder,
+  ``--steps`` steps; :class:`shusheng.generation.pipelines.faithfulness.FaithfulnessChecker` (the bundled decoder,
   closed questions) decides for each image whether each fact of its prompt holds. Reported: the share that holds
   per kind (time of day, weather, vehicle colour and type, counts, traffic light, signs, pedestrians, crosswalk),
   beside the **ceiling**: the same judge on ``--n`` real held-out scenes (the fixed test set, seed 2023,
-  downsampled to the generated size) with their own captions (:func:`~shusheng.generation.faithfulness.ceiling`),
+  downsampled to the generated size) with their own captions (:func:`~shusheng.generation.pipelines.faithfulness.ceiling`),
   the most a generator can score by this judge. Also the share of generated images the decoder's in-domain check
   accepts.
 * **Fréchet distance** on the bundled mini-clip's image embeddings: ``--n`` images generated from the captions of
@@ -74,7 +74,7 @@ def _judge(rows: list[dict], values: dict) -> None:
 def load_prompts(path: Path, limit: int = 0) -> list[dict]:
     """The benchmark prompts; warns when :func:`prompt_facts` reads a prompt differently from its listed facts
     (the judge scores what ``prompt_facts`` reads)."""
-    from shusheng.generation.faithfulness import Fact, prompt_facts
+    from shusheng.generation.pipelines.faithfulness import Fact, prompt_facts
 
     items = json.loads(path.read_text(encoding="utf-8"))["prompts"]
     items = items[:limit] if limit else items
@@ -91,7 +91,7 @@ def load_prompts(path: Path, limit: int = 0) -> list[dict]:
 def real_baselines(args, size: int, checker, embedder) -> tuple[dict, float, dict]:
     """The judge's ceiling per kind, and the Fréchet floor (train vs held-out scenes), at ``size``."""
     from shusheng.data import synthdrive as sd
-    from shusheng.generation import faithfulness as ff
+    from shusheng.generation.pipelines import faithfulness as ff
 
     t = time.perf_counter()
     ceil = ff.ceiling(args.n, sd.TEST_SEED, size, checker=checker, batch_size=args.check_batch)
@@ -121,7 +121,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, batch_size:
 
 def faithfulness_section(pipe, items, checker, ceil, args) -> tuple[dict, list[dict], dict]:
     """Share of facts that hold per kind over ``--seeds`` images of every prompt, beside the ceiling."""
-    from shusheng.generation import faithfulness as ff
+    from shusheng.generation.pipelines import faithfulness as ff
 
     prompts = [it["prompt"] for it in items for _ in range(args.seeds)]
     seeds = [k for _ in items for k in range(args.seeds)]
@@ -165,7 +165,7 @@ def faithfulness_section(pipe, items, checker, ceil, args) -> tuple[dict, list[d
 
 def fd_section(pipe, args, size: int, feats: dict, floor: float, embedder) -> tuple[list[dict], dict]:
     from shusheng.data import synthdrive as sd
-    from shusheng.generation import faithfulness as ff
+    from shusheng.generation.pipelines import faithfulness as ff
 
     _, anns = ff.synthdrive_images(args.n, sd.TEST_SEED, size)
     captions = [a.captions[0] for a in anns]
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from shusheng.generation import faithfulness as ff
+    from shusheng.generation.pipelines import faithfulness as ff
     from shusheng.miniclip import load_bundled
 
     torch.set_num_threads(args.threads)

@@ -341,7 +341,7 @@ def test_caption_vqa_tab_shows_the_reason_when_its_model_is_missing(collection, 
     monkeypatch.setitem(weights.TRAIN_COMMANDS, pipelines.BUNDLED_MODEL, "shusheng train uniperceiver --x y")
     assert "Make its weights with: `shusheng train uniperceiver --x y`" in caption_tab.TAB.available()
     demo = build_demo(collection, PaletteEmbedder())
-    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Generate"]  # no trained bridge/t2i here
+    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Generate"]  # Chat: no bridge is bundled
     assert any("Caption & VQA is not available here" in t and "shusheng train uniperceiver --x y" in t
                for t in _markdown_texts(demo))
     # a BundledWeightsNotFound that names the command already is shown as it is, without a second hint

@@ -57,7 +57,7 @@ def saved(pipe, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checker():
-    from shusheng.generation.faithfulness import FaithfulnessChecker
+    from shusheng.generation.pipelines.faithfulness import FaithfulnessChecker
 
     return FaithfulnessChecker.from_pretrained()
 

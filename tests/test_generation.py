@@ -454,7 +454,7 @@ def test_generate_check_reports_which_facts_hold(saved, tmp_path, capsys, monkey
     from PIL import Image
 
     from shusheng.cli import main
-    from shusheng.generation import faithfulness as ff
+    from shusheng.generation.pipelines import faithfulness as ff
 
     prompt = "two red cars at night in the fog"
     base = ["generate", prompt, "-n", "2", "--seed", "3", "--steps", "2", "--model", str(saved), "--out",
@@ -502,7 +502,7 @@ def test_generate_check_reports_which_facts_hold(saved, tmp_path, capsys, monkey
 
 def test_check_lines_say_which_facts_hold_and_when_the_image_is_out_of_domain():
     from shusheng.generation.cli import check_lines, check_rows
-    from shusheng.generation.faithfulness import FactCheck, FaithfulnessResult, prompt_facts
+    from shusheng.generation.pipelines.faithfulness import FactCheck, FaithfulnessResult, prompt_facts
 
     night, car = prompt_facts("a car at night")[::-1]
     checks = [FactCheck("time", "night", "night", True, 0.9, "What time of day is it?", [], night),

@@ -1,4 +1,4 @@
-"""shusheng.generation.faithfulness: prompt facts, the decoder judge on real scenes, the Fréchet distance, and
+"""shusheng.generation.pipelines.faithfulness: prompt facts, the decoder judge on real scenes, the Fréchet distance, and
 bench/generation.py's real-scene baselines (and, on a tiny random pipeline, its generation part)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from shusheng.data import ImageLoadError
 from shusheng.data import synthdrive as sd
-from shusheng.generation import faithfulness as ff
-from shusheng.generation.faithfulness import Fact, prompt_facts
+from shusheng.generation.pipelines import faithfulness as ff
+from shusheng.generation.pipelines.faithfulness import Fact, prompt_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = json.loads((ROOT / "bench" / "generation_prompts.json").read_text())["prompts"]

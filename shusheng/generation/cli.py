@@ -9,9 +9,9 @@ PNGs. Every image is generated on its own (one prompt, one seed per call), so ``
 exactly on the same machine. Files are written atomically (a temporary file, then a new name: an existing file is
 never overwritten; ``name-1.png`` etc. when taken).
 
-``--check`` reads the scene facts the prompt states (:func:`~shusheng.generation.faithfulness.prompt_facts`) and
+``--check`` reads the scene facts the prompt states (:func:`~shusheng.generation.pipelines.faithfulness.prompt_facts`) and
 asks the bundled decoder (``shusheng-mini-uniperceiver``, through
-:class:`~shusheng.generation.faithfulness.FaithfulnessChecker`) whether each image shows them; the checker is
+:class:`~shusheng.generation.pipelines.faithfulness.FaithfulnessChecker`) whether each image shows them; the checker is
 loaded only with ``--check``. ``--json`` prints a list of ``{"prompt", "seed", "file", "checks", "share",
 "in_domain"}``: ``checks`` is a list of ``{"kind", "expected", "observed", "holds", "score", "question"}``, one per
 fact, ``share`` the share of the facts that hold (null when the prompt states none the judge knows), ``in_domain``
@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import secrets
 import sys
 
 from shusheng.generation.config import SCHEDULERS
 
-__all__ = ["add_arguments", "check_lines", "check_rows", "parse_size", "prompt_slug", "run"]
+__all__ = ["add_arguments", "check_lines", "check_rows", "parse_size", "run"]
 
 #: arguments that ``--from-png`` takes from the file (giving them as well is an error)
 _FROM_FILE = ("prompt", "num_images", "seed", "steps", "guidance", "negative", "scheduler", "size")
@@ -83,12 +82,6 @@ def _fail(e: BaseException | str) -> int:
     return 2
 
 
-def prompt_slug(prompt: str) -> str:
-    """The file-name stem of a prompt's images: lower-case ASCII letters, digits and ``-``, at most 40
-    characters (``"image"`` when nothing is left)."""
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-") or "image"
-
-
 def _jobs(args: argparse.Namespace) -> tuple[dict, list[int], object | None]:
     """``(settings, seeds, parameters read from --from-png or None)``; raises ValueError on bad arguments."""
     from shusheng.generation.png import read_parameters
@@ -117,14 +110,14 @@ def _jobs(args: argparse.Namespace) -> tuple[dict, list[int], object | None]:
 
 
 def check_rows(result) -> list[dict]:
-    """The JSON ``checks`` of one :class:`~shusheng.generation.faithfulness.FaithfulnessResult`: one dict per
+    """The JSON ``checks`` of one :class:`~shusheng.generation.pipelines.faithfulness.FaithfulnessResult`: one dict per
     fact."""
     return [{"kind": c.kind, "expected": c.expected, "observed": c.observed, "holds": c.holds,
              "score": round(c.score, 4), "question": c.question} for c in result.checks]
 
 
 def check_lines(result) -> list[str]:
-    """The human-readable lines of one :class:`~shusheng.generation.faithfulness.FaithfulnessResult`."""
+    """The human-readable lines of one :class:`~shusheng.generation.pipelines.faithfulness.FaithfulnessResult`."""
     if not result.checks:
         return ["  check: the prompt states no scene fact the judge knows (time of day, weather, vehicles, counts, "
                 "traffic lights, signs, pedestrians, crosswalks)"]
@@ -158,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         return _fail(e)
     from shusheng.generation.config import scheduler_name
-    from shusheng.generation.png import save_png
+    from shusheng.generation.png import prompt_slug, save_png
 
     try:
         from shusheng.generation.pipeline import Text2ImagePipeline, diffusers
@@ -170,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     checker = None
     if args.check:  # loaded only when asked for, before any image is made
         try:
-            from shusheng.generation.faithfulness import FaithfulnessChecker
+            from shusheng.generation.pipelines.faithfulness import FaithfulnessChecker
 
             checker = FaithfulnessChecker.from_pretrained()
         except (FileNotFoundError, ValueError, ImportError) as e:

@@ -33,7 +33,7 @@ from typing import Any
 
 from shusheng.generation.config import SAMPLER_LABELS
 
-__all__ = ["PARAMETERS_KEY", "GenerationParameters", "read_parameters", "save_png", "unique_path"]
+__all__ = ["PARAMETERS_KEY", "GenerationParameters", "prompt_slug", "read_parameters", "save_png", "unique_path"]
 
 #: the PNG text key (AUTOMATIC1111's)
 PARAMETERS_KEY = "parameters"
@@ -213,3 +213,9 @@ def save_png(image, directory: str | os.PathLike, stem: str, parameters: Generat
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def prompt_slug(prompt: str) -> str:
+    """The file-name stem of a prompt's images: lower-case ASCII letters, digits and ``-``, at most 40
+    characters (``"image"`` when nothing is left)."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-") or "image"

@@ -20,7 +20,7 @@ This is a keyword check, not a parser: it finds the phrasings SynthDrive's capti
 "two parked red cars", "a yellow school bus"; "no traffic", "nobody on the crosswalk"; weather and time words
 beyond the captions': "showers", "cloudless", "midnight", "dawn"); anything it cannot tie to the vocabulary is
 left unjudged rather than reported. SynthDrive has three times of day, so dawn and sunrise count as ``dusk``
-(the same low-sun sky). The text-to-image faithfulness check (:mod:`shusheng.generation.faithfulness`) reads
+(the same low-sun sky). The text-to-image faithfulness check (:mod:`shusheng.generation.pipelines.faithfulness`) reads
 prompts with the same finder.
 """
 

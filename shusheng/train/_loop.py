@@ -77,27 +77,41 @@ def resume_dir(out: str | Path, resume: str | None) -> Path | None:
     return Path(resume) if resume else None
 
 
-def load_checkpoint(acc, out: str | Path, resume: str | None) -> dict[str, Any] | None:
-    """Restore the accelerate state of the checkpoint :func:`resume_dir` picks; returns its ``progress.json``
-    (None when the run starts afresh)."""
+def load_checkpoint(acc, out: str | Path, resume: str | None,
+                    extra: Mapping[str, nn.Module] | None = None) -> dict[str, Any] | None:
+    """Restore the accelerate state of the checkpoint :func:`resume_dir` picks, and each module of ``extra`` from
+    its ``<name>.safetensors`` there; returns its ``progress.json`` (None when the run starts afresh)."""
     d = resume_dir(out, resume)
     if d is None:
         return None
     acc.load_state(str(d))
+    if extra:
+        from safetensors.torch import load_file
+
+        for name, module in extra.items():
+            module.load_state_dict(load_file(str(d / f"{name}.safetensors"), device="cpu"))
     progress = json.loads((d / "progress.json").read_text())
     logger.info("resumed from %s at step %d", d, progress["step"])
     return progress
 
 
-def save_checkpoint(acc, out: str | Path, progress: dict[str, Any], keep: int) -> Path:
-    """Write ``<out>/checkpoints/step_<progress["step"]>`` (accelerate state + ``progress.json``) and keep only
-    the newest ``keep`` checkpoints. A step already saved is left alone (e.g. a periodic save that falls on the
-    last step)."""
+def save_checkpoint(acc, out: str | Path, progress: dict[str, Any], keep: int,
+                    extra: Mapping[str, nn.Module] | None = None) -> Path:
+    """Write ``<out>/checkpoints/step_<progress["step"]>`` (accelerate state, ``<name>.safetensors`` of each module
+    of ``extra`` (state the optimiser does not own, e.g. EMA weights or adapters inside a frozen model: tensors
+    only, never pickled objects) and ``progress.json``, written last) and keep only the newest ``keep``
+    checkpoints. A step already saved is left alone (e.g. a periodic save that falls on the last step)."""
     d = Path(out) / "checkpoints" / f"step_{progress['step']}"
     if (d / "progress.json").exists():
         return d
     acc.save_state(str(d))
     if acc.is_main_process:
+        if extra:
+            from safetensors.torch import save_file
+
+            for name, module in extra.items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                          str(d / f"{name}.safetensors"))
         (d / "progress.json").write_text(json.dumps(progress))
         prune(checkpoint_dirs(out), keep)
     return d

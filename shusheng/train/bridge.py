@@ -258,13 +258,12 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
         groups.append({"params": list(adapters.parameters()), "weight_decay": 0.0, "adapter": True})
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     projector, opt = acc.prepare(model.projector, opt)
-    if len(adapters):
-        # the adapters live inside the (unprepared) LM: registered so that checkpoints save and restore them.
-        # Single-process only: under data parallelism their gradients would not be averaged.
-        if acc.num_processes > 1:
-            raise ValueError("LoRA training of the bridge runs in one process (use --lora-rank 0 with "
-                             "several processes)")
-        acc.register_for_checkpointing(adapters)
+    # the adapters live inside the (unprepared) LM: checkpoints save and restore them beside the accelerate state.
+    # Single-process only: under data parallelism their gradients would not be averaged.
+    extra = {"adapters": adapters} if len(adapters) else None
+    if extra and acc.num_processes > 1:
+        raise ValueError("LoRA training of the bridge runs in one process (use --lora-rank 0 with several "
+                         "processes)")
     n_params = sum(p.numel() for p in model.projector.parameters())
     logger.info("projector %.2fM parameters, LoRA adapters %.2fM (stage 2); LM %s and tower %s frozen; %d training "
                 "images", n_params / 1e6, sum(p.numel() for p in adapters.parameters()) / 1e6,
@@ -277,7 +276,7 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
                 g["lr"] = lr_at(step, cfg) * cfg.lora_lr_scale if step >= cfg.caption_steps else 0.0
 
     step, history, elapsed, first_step = 0, [], 0.0, 0
-    prog = _loop.load_checkpoint(acc, out, cfg.resume)
+    prog = _loop.load_checkpoint(acc, out, cfg.resume, extra)
     if prog is not None:
         step, history, elapsed = prog["step"], prog["history"], prog.get("elapsed", 0.0)
         cfg.caption_steps, cfg.qa_steps = prog.get("caption_steps", cfg.caption_steps), prog.get("qa_steps",
@@ -288,7 +287,7 @@ def train(cfg: BridgeTrainConfig, lm_model: Any = None, tokenizer: Any = None) -
     def save() -> None:
         _loop.save_checkpoint(acc, out, {"step": step, "history": history, "elapsed": elapsed,
                                          "caption_steps": cfg.caption_steps, "qa_steps": cfg.qa_steps},
-                              cfg.keep_checkpoints)
+                              cfg.keep_checkpoints, extra)
         if acc.is_main_process:
             _loop.plot_history(history, out / "loss_curve.png", title="bridge training (captions, then QA)")
 

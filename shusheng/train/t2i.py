@@ -349,14 +349,13 @@ def train(cfg: T2ITrainConfig) -> dict[str, Any]:
     else:
         unet, opt = acc.prepare(unet, opt)
     ema.to(acc.device)
-    acc.register_for_checkpointing(ema)
     n_params = sum(p.numel() for p in ema.parameters())
     logger.info("UNet %.2fM parameters (%s space, %dx%d), text encoder %s frozen, EMA decay %.5f; %d training images",
                 n_params / 1e6, "latent" if vae is not None else "pixel", unet_cfg.sample_size, unet_cfg.sample_size,
                 cfg.text_encoder, ema_decay, len(records))
 
     step, history, elapsed, first_step, val_losses = 0, [], 0.0, 0, []
-    prog = _loop.load_checkpoint(acc, out, cfg.resume)
+    prog = _loop.load_checkpoint(acc, out, cfg.resume, {"ema": ema})
     if prog is not None:
         step, history, elapsed = prog["step"], prog["history"], prog.get("elapsed", 0.0)
         val_losses, first_step = prog.get("val_losses", []), step
@@ -372,7 +371,7 @@ def train(cfg: T2ITrainConfig) -> dict[str, Any]:
 
     def save() -> None:
         _loop.save_checkpoint(acc, out, {"step": step, "history": history, "elapsed": elapsed,
-                                         "val_losses": val_losses}, cfg.keep_checkpoints)
+                                         "val_losses": val_losses}, cfg.keep_checkpoints, {"ema": ema})
         if acc.is_main_process:
             _loop.plot_history(history, out / "loss_curve.png", title="text-to-image training")
 

@@ -3,7 +3,7 @@ the faithfulness checks under each image and PNG downloads that keep their gener
 
     >>> import gradio as gr
     >>> from shusheng.generation import Text2ImagePipeline
-    >>> from shusheng.generation.faithfulness import FaithfulnessChecker
+    >>> from shusheng.generation.pipelines.faithfulness import FaithfulnessChecker
     >>> pipe = Text2ImagePipeline.from_pretrained("runs/t2i/final")
     >>> with gr.Blocks() as demo:
     ...     generate_tab(pipe, checker=FaithfulnessChecker.from_pretrained())
@@ -14,7 +14,7 @@ press **Generate**. The status line counts the steps as they run and a preview s
 shape (the scheduler's estimate of the final images, decoded every few steps). **Stop** ends the generation
 after its current step and returns the images as far as they got (their parameters say ``Stopped at: K``); it
 stops only generations of the same browser session. Under each image, the faithfulness check
-(:class:`~shusheng.generation.faithfulness.FaithfulnessChecker`, the bundled decoder) says which scene facts
+(:class:`~shusheng.generation.pipelines.faithfulness.FaithfulnessChecker`, the bundled decoder) says which scene facts
 of the prompt hold and which do not. Each image is offered for download as the PNG that
 :func:`~shusheng.generation.png.save_png` wrote, with its AUTOMATIC1111 ``parameters`` chunk, so
 ``shusheng generate --from-png FILE`` makes it again.
@@ -219,10 +219,10 @@ def check_markdown(results: Any, seeds: list[int | None], reason: str | None = N
 def faithfulness_checker(device: str | None = None) -> tuple[Any, str | None]:
     """``(checker, None)`` over the bundled decoder, or ``(None, reason)`` (logged) without it."""
     try:
-        from shusheng.generation.faithfulness import FaithfulnessChecker
+        from shusheng.generation.pipelines.faithfulness import FaithfulnessChecker
 
         return FaithfulnessChecker.from_pretrained(device=device or "cpu"), None
-    except (ImportError, FileNotFoundError, ValueError) as e:
+    except Exception as e:  # the checks are an extra: the tab generates without them, and says why
         logger.warning("the Generate tab checks no images: %s", e)
         return None, f"the bundled decoder (shusheng-mini-uniperceiver) cannot be loaded: {e}"
 
@@ -273,8 +273,10 @@ def _produce(pipe, req: GenerateRequest, stop_event: threading.Event, out: queue
              checker, checker_lock: threading.Lock, run_dir: Path, preview_every: int) -> None:
     """The worker thread of one request: generate under the model lock (progress and previews on the queue),
     write the PNGs, check them."""
-    from shusheng.generation.cli import prompt_slug  # the file names of shusheng generate
-    from shusheng.generation.png import save_png
+    from shusheng.generation.png import (
+        prompt_slug,  # the file names of shusheng generate
+        save_png,
+    )
 
     try:
         with lock:
@@ -317,7 +319,7 @@ def generate_tab(pipe, ctx: AppContext | None = None, checker=None, *, checker_r
     Args:
         pipe: a :class:`~shusheng.generation.Text2ImagePipeline`.
         ctx: the app context (its time limit; default :class:`AppContext`'s).
-        checker: a :class:`~shusheng.generation.faithfulness.FaithfulnessChecker` whose verdicts go under the
+        checker: a :class:`~shusheng.generation.pipelines.faithfulness.FaithfulnessChecker` whose verdicts go under the
             images; None = no check (``checker_reason`` says why, under the images).
         max_images, max_steps: the most images and steps a request may ask for (at most :data:`MAX_IMAGES` and
             :data:`MAX_STEPS`).

@@ -1,6 +1,6 @@
 """Faithfulness of generated driving scenes to their prompts, and the Fréchet distance on the project's own features.
 
-    >>> from shusheng.generation.faithfulness import FaithfulnessChecker, prompt_facts
+    >>> from shusheng.generation.pipelines.faithfulness import FaithfulnessChecker, prompt_facts
     >>> [str(f) for f in prompt_facts("foggy morning, two cars at a red light")]
     ['weather: fog', 'time: day', 'vehicle: car', 'count: 2 cars', 'light: red light']
     >>> check = FaithfulnessChecker.from_pretrained()            # the bundled shusheng-mini-uniperceiver
