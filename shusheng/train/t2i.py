@@ -23,8 +23,8 @@ AdamW with a linear warm-up and cosine decay (:mod:`shusheng.train._loop`), grad
 moving average of the UNet's weights (decay ``--ema-decay`` at most, shortened for short runs by
 ``_loop.scaled_ema_decay``) that the samples, the validation loss and the saved model use. The batch of step ``t``
 (images, caption choice and dropout, noise and timesteps) depends only on ``(seed, t)`` and the learning rate only
-on ``t``, so a run resumed from a checkpoint (``--resume auto``: accelerate state of the UNet, the EMA, the
-optimiser (and the VAE) + ``progress.json``, every ``--save-every`` steps) follows the uninterrupted run exactly.
+on ``t``, so a run resumed from a checkpoint (``--resume auto``: accelerate state of the UNet, the
+optimiser (and the VAE), the EMA in ``ema.safetensors`` + ``progress.json``, every ``--save-every`` steps) follows the uninterrupted run exactly.
 ``--max-minutes`` stops (and saves) early.
 
 Outputs: ``<output>/config.json``; ``samples/step_N.png`` every ``--sample-every`` steps and at the end (rows:
