@@ -81,6 +81,20 @@ def machine_info() -> dict:
     }
 
 
+def judge_targets(rows: list[dict], values: dict, targets: dict) -> None:
+    """Fill ``target`` and ``meets`` of each row whose ``key`` has a ``(text, test)`` entry in ``targets``; the test
+    gets the row's value and ``values`` (all measured values); ``"-"`` when the value could not be measured."""
+    for r in rows:
+        spec = targets.get(r["key"])
+        if spec is None:
+            continue
+        r["target"] = spec[0]
+        try:
+            r["meets"] = "yes" if spec[1](r["value"], values) else "no"
+        except (TypeError, KeyError):
+            r["meets"] = "-"
+
+
 def write_results(name: str, rows: list[dict], columns: list[tuple[str, str]], out_dir: str | Path,
                   meta: dict) -> str:
     """Write ``<out_dir>/<name>.json`` and ``<name>.md``; returns the markdown table."""

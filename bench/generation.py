@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, median_time, reexec_with_bench_env, write_results  # noqa: E402
+from _common import judge_targets, machine_info, median_time, reexec_with_bench_env, write_results  # noqa: E402
 
 PROMPTS = Path(__file__).resolve().parent / "generation_prompts.json"
 SPEED_PROMPT = "a red car at a green light on a rainy street at night"
@@ -57,18 +57,6 @@ COLUMNS = [("metric", "metric"), ("value", "value"), ("real", "real scenes (ceil
 
 def _row(key: str, metric: str, value, unit: str, n: int, real="") -> dict:
     return {"key": key, "metric": metric, "value": value, "real": real, "unit": unit, "n": n}
-
-
-def _judge(rows: list[dict], values: dict) -> None:
-    for r in rows:
-        spec = TARGETS.get(r["key"])
-        if spec is None:
-            continue
-        r["target"] = spec[0]
-        try:
-            r["meets"] = "yes" if spec[1](r["value"], values) else "no"
-        except (TypeError, KeyError):  # not measured
-            r["meets"] = "-"
 
 
 def load_prompts(path: Path, limit: int = 0) -> list[dict]:
@@ -293,7 +281,7 @@ def main(argv=None) -> int:
         values.update(v)
         rows += r
         name = "generation"
-    _judge(rows, values)
+    judge_targets(rows, values, TARGETS)
     meta["seconds"] = round(time.time() - t_start, 1)
     md = write_results(name, rows, COLUMNS, args.out, meta)
     print(md)

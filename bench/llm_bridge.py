@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, reexec_with_bench_env, write_results  # noqa: E402
+from _common import judge_targets, machine_info, reexec_with_bench_env, write_results  # noqa: E402
 
 BUNDLED = "shusheng-mini-bridge"
 TTFT_QUESTION = "What colour is the traffic light?"
@@ -320,18 +320,6 @@ def _row(key: str, metric: str, value, unit: str, n: int) -> dict:
     return {"key": key, "metric": metric, "value": value, "unit": unit, "n": n}
 
 
-def _judge(rows: list[dict], values: dict) -> None:
-    for r in rows:
-        spec = TARGETS.get(r["key"])
-        if spec is None:
-            continue
-        r["target"] = spec[0]
-        try:
-            r["meets"] = "yes" if spec[1](r["value"], values) else "no"
-        except (TypeError, KeyError):  # a value that could not be measured
-            r["meets"] = "-"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
@@ -404,7 +392,7 @@ def main(argv=None) -> int:
         seconds, cmd = cold_start(args, images[0])
         values["cold_start"] = seconds
         rows.append(_row("cold_start", f"cold start: `{cmd}` (process start to first token)", seconds, "s", 1))
-    _judge(rows, values)
+    judge_targets(rows, values, TARGETS)
     meta["seconds"] = round(time.time() - t_start, 1)
 
     grid_md = write_results("llm_bridge_vqa_grid", grid, GRID_COLUMNS, args.out, meta)

@@ -167,6 +167,14 @@ def warmup_cosine(step: int, warmup: int, decay_start: int, decay_steps: int, fl
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def out_of_time(max_minutes: float | None, elapsed: float, step: int, total: int) -> bool:
+    """Whether a run with ``--max-minutes`` must stop (and save) now, before its last step; logs why."""
+    if max_minutes is None or elapsed <= max_minutes * 60 or step >= total:
+        return False
+    logger.warning("time limit of %.1f min reached at step %d; stopping", max_minutes, step)
+    return True
+
+
 def stage_tail(history: Sequence[Mapping[str, Any]], stage: str, n: int) -> float | None:
     """Mean ``loss`` of the last ``n`` entries of ``history`` whose ``stage`` is ``stage`` (None when there are none):
     the final loss a run reports, less noisy than its last step."""

@@ -429,8 +429,7 @@ def train(cfg: T2ITrainConfig) -> dict[str, Any]:
             sample_grid(pipeline(), cfg, out / "samples" / f"step_{step}.png")
         if cfg.save_every and step % cfg.save_every == 0:
             save()
-        if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60 and step < cfg.total_steps:
-            logger.warning("time limit of %.1f min reached at step %d; stopping", cfg.max_minutes, step)
+        if _loop.out_of_time(cfg.max_minutes, elapsed, step, cfg.total_steps):
             stopped_early = True
             break
     bar.close()

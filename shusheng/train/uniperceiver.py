@@ -502,8 +502,7 @@ def train(cfg: UniPerceiverTrainConfig) -> dict[str, Any]:
                 (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if cfg.save_every and step % cfg.save_every == 0:
             save()
-        if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60 and step < cfg.steps:
-            logger.warning("time limit of %.1f min reached at step %d; stopping", cfg.max_minutes, step)
+        if _loop.out_of_time(cfg.max_minutes, elapsed, step, cfg.steps):
             stopped_early = True
             break
     bar.close()
