@@ -57,6 +57,14 @@ class DetectorConfig:
             longer side would exceed ``max_size``.
         score_threshold: detections scoring lower are never reported.
         detections_per_image: at most this many detections per image.
+        anchor_scale: anchors (Mask R-CNN) / FCOS sizes are ``anchor_scale x stride`` on each pyramid level.
+            FCOS assigns an object to the level whose size range (4-8x the size) holds its largest box-edge
+            distance, so the scale sets which level learns which objects.
+        box_head_dim: width of Mask R-CNN's two-layer box head (torchvision's default 1024).
+        mask_head_dim: channels of Mask R-CNN's four mask-head convolutions (torchvision's default 256).
+        rpn_proposals: proposals kept per image after NMS in training (torchvision's default 2000); inference
+            keeps half as many. Small images with few objects need far fewer.
+        roi_batch: sampled RoIs per image for the box-head losses (torchvision's default 512).
     """
 
     backbone: str = "internimage_t"
@@ -70,6 +78,11 @@ class DetectorConfig:
     max_size: int = 512
     score_threshold: float = 0.05
     detections_per_image: int = 100
+    anchor_scale: int = 8
+    box_head_dim: int = 1024
+    mask_head_dim: int = 256
+    rpn_proposals: int = 2000
+    roi_batch: int = 512
 
     def __post_init__(self):
         self.labels = [str(v) for v in self.labels]
@@ -92,6 +105,9 @@ class DetectorConfig:
                              f"and at least 64, got {self.fpn_channels}")
         if not 0 < self.min_size <= self.max_size:
             raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        for name in ("anchor_scale", "box_head_dim", "mask_head_dim", "rpn_proposals", "roi_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.score_threshold < 1.0:
             raise ValueError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
 
@@ -169,16 +185,26 @@ class InternImageDetector(PretrainedMixin, nn.Module):
 def _build_head(c: DetectorConfig, fpn: BackboneFPN, mean: list[float], std: list[float]) -> nn.Module:
     from torchvision.models.detection import FCOS, MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
     common = dict(min_size=c.min_size, max_size=c.max_size, image_mean=mean, image_std=std)
-    sizes = tuple((8 * s,) for s in fpn.strides)  # 32 px anchors at stride 4, doubling per level
+    sizes = tuple((c.anchor_scale * s,) for s in fpn.strides)  # default: 32 px at stride 4, doubling per level
     if c.head == "fcos":
         anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
         return FCOS(fpn, num_classes=c.num_classes, anchor_generator=anchors, score_thresh=c.score_threshold,
                     detections_per_img=c.detections_per_image, **common)
     levels = fpn.names[:-1]  # RoI pooling reads the pyramid levels, not the max-pooled one
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    return MaskRCNN(fpn, num_classes=c.num_classes + 1, rpn_anchor_generator=anchors,
+    ch, k = fpn.out_channels, c.num_classes + 1
+    proposals = dict(rpn_pre_nms_top_n_train=c.rpn_proposals, rpn_post_nms_top_n_train=c.rpn_proposals,
+                     rpn_pre_nms_top_n_test=max(1, c.rpn_proposals // 2),
+                     rpn_post_nms_top_n_test=max(1, c.rpn_proposals // 2), box_batch_size_per_image=c.roi_batch)
+    return MaskRCNN(fpn, rpn_anchor_generator=anchors, **proposals,
                     box_roi_pool=MultiScaleRoIAlign(levels, 7, 2), mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
+                    box_head=TwoMLPHead(ch * 7 * 7, c.box_head_dim),
+                    box_predictor=FastRCNNPredictor(c.box_head_dim, k),
+                    mask_head=MaskRCNNHeads(ch, (c.mask_head_dim,) * 4, 1),
+                    mask_predictor=MaskRCNNPredictor(c.mask_head_dim, c.mask_head_dim, k),
                     box_score_thresh=c.score_threshold, box_detections_per_img=c.detections_per_image, **common)
