@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=8)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--model", default=None, help="decoder folder (default: the bundled one)")
+    ap.add_argument("--detector", default="auto", help="detector for vehicle evidence: a folder, 'auto' (the "
+                                                       "bundled shusheng-mini-det if installed) or 'none'")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     reexec_with_bench_env()
@@ -60,10 +62,11 @@ def main(argv=None) -> int:
     # model loading alone, to subtract it from the run's wall time
     load = [sys.executable, "-c", "import time,torch; torch.set_num_threads(2); t=time.time(); "
             "from shusheng.uniperceiver.pipelines.driving import DrivingChecklist; "
-            f"DrivingChecklist.from_pretrained({args.model!r}); print(time.time()-t)"]
+            f"DrivingChecklist.from_pretrained({args.model!r}, "
+            f"detector={None if args.detector == 'none' else args.detector!r}); print(time.time()-t)"]
     load_s = float(subprocess.run(load, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     cmd = [sys.executable, str(ROOT / "demos" / "drive_qa.py"), str(data), "--out", str(results), "--every",
-           str(args.every), "--threads", "2"] + (["--model", args.model] if args.model else [])
+           str(args.every), "--threads", "2", "--detector", args.detector] + (["--model", args.model] if args.model else [])
     t = time.time()
     subprocess.run(cmd, check=True)
     wall = time.time() - t
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     meta = {**machine_info(), "drives": args.drives, "frames": args.frames, "fps": args.fps, "every": args.every,
             "frames_answered": n_frames, "wall_s": round(wall, 1), "model_load_s": round(load_s, 1),
             "frames_per_s": round(fps, 1), "valid_share": s["valid_share"], "lines": s["lines"],
-            "invalid_lines": s["invalid_lines"], "model": args.model or "bundled"}
+            "invalid_lines": s["invalid_lines"], "model": args.model or "bundled", "detector": args.detector}
     md = write_results("drive_qa", rows, [("question", "question"), ("accuracy", "accuracy"),
                                           ("question_only", "question-only"), ("upper_bound", "upper bound"),
                                           ("target", "target"), ("meets", "meets target"),

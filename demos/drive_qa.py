@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answerer", default="uniperceiver", choices=["uniperceiver"],
                     help="who answers (the LLM bridge joins when it lands)")
     ap.add_argument("--model", default=None, help="decoder folder (default: the bundled shusheng-mini-uniperceiver)")
+    ap.add_argument("--detector", default="auto",
+                    help="detector folder for vehicle evidence and counts; 'auto' (default): the bundled "
+                         "shusheng-mini-det when installed; 'none': the decoder's dense head only")
     ap.add_argument("--every", type=int, default=1, help="use every K-th frame of a video")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--resume", action="store_true", help="continue an earlier run writing to --out")
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = load_checklist(args.questions)
-    checklist = DrivingChecklist.from_pretrained(args.model, args.questions)
+    checklist = DrivingChecklist.from_pretrained(args.model, args.questions,
+                                                 detector=None if args.detector == "none" else args.detector)
     done_lines = read_done(out_path) if args.resume else []
     done = {(r["source"], r["frame"]["index"], r["question_id"]) for r in done_lines}
     n_questions = len(questions)

@@ -25,6 +25,7 @@ def test_default_question_set_covers_the_driving_checklist():
     assert by["speed_limit"].numeric and by["vehicle_count"].numeric and not by["light"].numeric
     assert [q.id for q in qs if q.is_temporal] == ["light_changed", "pedestrian_entering"]
     assert [q.id for q in qs if q.answer_from == "evidence"] == ["nearest_vehicle"]
+    assert [q.id for q in qs if q.answer_from == "count"] == ["vehicle_count"]
     # demos/ ships the same file
     from pathlib import Path
 
@@ -46,6 +47,7 @@ def test_default_question_set_covers_the_driving_checklist():
     ([{"id": "a", "question": "Q?", "answers": "everything"}], "unknown answer set"),
     ([{"id": "a", "question": "Q?", "answers": ["red car", "none"], "answer_from": "evidence"}], "needs evidence_rule"),
     ([{"id": "a", "question": "Q?", "answers": ["none"], "answer_from": "detector"}], "answer_from must be"),
+    ([{"id": "a", "question": "Q?", "answers": ["few", "many"], "answer_from": "count"}], "answer_from 'count'"),
 ])
 def test_malformed_question_files_are_refused_with_the_reason(tmp_path, questions, message):
     f = tmp_path / "q.json"
@@ -157,3 +159,58 @@ def test_nearest_vehicle_is_answered_by_the_lowest_vehicle_box():
         assert r["answer"] == lowest["label"] and r["evidence"][0]["box"] == lowest["box"]
         seen_vehicle = True
     assert seen_vehicle
+
+
+class _FixedDetector:
+    """A stand-in detector: the same three detections on every image (xyxy in its input's pixels)."""
+
+    labels = ["car", "truck", "bus", "person"]
+
+    def __init__(self):
+        self.calls = []
+
+    def label_name(self, k):
+        return self.labels[k - 1]
+
+    def eval(self):
+        return self
+
+    def __call__(self, images):
+        import torch
+
+        self.calls.append([tuple(x.shape) for x in images])
+        assert all(0.0 <= float(x.min()) and float(x.max()) <= 1.0 for x in images)  # unnormalised input
+        one = {"boxes": torch.tensor([[10.0, 60.0, 40.0, 90.0], [70.0, 50.0, 100.0, 70.0], [0.0, 0.0, 6.0, 6.0],
+                                      [50.0, 50.0, 60.0, 80.0]]),
+               "labels": torch.tensor([1, 3, 2, 4]), "scores": torch.tensor([0.9, 0.8, 0.3, 0.95])}
+        return [one for _ in images]
+
+
+def test_a_detector_gives_the_vehicle_evidence_and_the_count():
+    from shusheng.data import VAL_SEED, sample
+    from shusheng.uniperceiver.pipelines import VQAPipeline
+    from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
+    from shusheng.weights import BundledWeightsNotFound
+
+    try:
+        vqa = VQAPipeline.from_pretrained()
+    except BundledWeightsNotFound:
+        pytest.skip("bundled shusheng-mini-uniperceiver not present")
+    det = _FixedDetector()
+    check = DrivingChecklist(vqa, detector=det, detector_threshold=0.5)
+    big = sample(VAL_SEED, 0, 128)[0].resize((256, 256))  # boxes come back in the image's own pixels
+    out = check([sample(VAL_SEED, 1, 128)[0], big])
+    assert det.calls == [[(3, 128, 128), (3, 128, 128)]]  # one call per batch, on the decoder's input
+    for res, scale in zip(out.results, (1, 2)):
+        # the car and the bus pass the threshold, the truck (0.3) does not, the person is no vehicle
+        assert res["vehicle_count"]["answer"] == "2" and 0.0 <= res["vehicle_count"]["score"] <= 1.0
+        ev = res["vehicle_count"]["evidence"]
+        assert sorted(b["label"].split()[-1] for b in ev) == ["bus", "car"]
+        # the nearest vehicle is the box lowest in the frame: the car (bottom 90 > 70), coloured by the dense head
+        near = res["nearest_vehicle"]
+        assert near["answer"].endswith(" car") and near["answer"] in check.questions[5].answers
+        assert near["evidence"][0]["box"] == [10 * scale, 60 * scale, 30 * scale, 30 * scale]
+    with pytest.raises(ValueError, match="bus"):
+        bad = _FixedDetector()
+        bad.labels = ["car", "truck", "person"]
+        DrivingChecklist(vqa, detector=bad)

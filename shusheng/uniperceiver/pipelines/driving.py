@@ -19,6 +19,13 @@ that box's label the answer (``none`` without one, scored by the decoder): the d
 vehicle's colour and type better than the decoder's 4 x 4 pooled tokens (0.72 against 0.53 on
 ``bench/drive_qa.py``).
 
+**With a detector** (``DrivingChecklist(..., detector=InternImageDetector)``, e.g. the bundled
+``shusheng-mini-det``), vehicle evidence comes from the detector's car / truck / bus boxes instead of the dense
+head's coarse cells; each box takes the colour the dense head reads inside it ("red car"). ``"answer_from":
+"count"`` makes the number of evidence boxes the answer (capped at the largest answer), which is how
+``vehicle_count`` is answered with a detector; without one the decoder answers it (the dense head's cells merge
+neighbouring vehicles).
+
 **Temporal questions** (``"temporal": {"rule", "of", "window_s"}``) are answered from the answers to another
 question over the frames of the last ``window_s`` seconds, which must come with ``times``:
 
@@ -38,13 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from shusheng.pipelines import PipelineOutput, as_image_list
 from shusheng.uniperceiver.pipelines import VQAPipeline
 
 __all__ = ["DEFAULT_CHECKLIST", "RECORD_FIELDS", "ChecklistOutput", "ChecklistQuestion", "DrivingChecklist",
-           "TemporalWindow", "load_checklist", "validate_record"]
+           "TemporalWindow", "load_checklist", "load_detector", "validate_record"]
 
 DEFAULT_CHECKLIST = Path(__file__).with_name("driving_questions.json")
 _RULES = ("changed", "entered")
@@ -116,10 +124,12 @@ def load_checklist(path: str | Path | None = None) -> list[ChecklistQuestion]:
         if rule not in ("all", "nearest"):
             raise ValueError(f"{where}: evidence_rule must be 'all' or 'nearest', got {rule!r}")
         source = q.get("answer_from", "decoder")
-        if source not in ("decoder", "evidence"):
-            raise ValueError(f"{where}: answer_from must be 'decoder' or 'evidence', got {source!r}")
+        if source not in ("decoder", "evidence", "count"):
+            raise ValueError(f"{where}: answer_from must be 'decoder', 'evidence' or 'count', got {source!r}")
         if source == "evidence" and (rule != "nearest" or "none" not in answers):
             raise ValueError(f"{where}: answer_from 'evidence' needs evidence_rule 'nearest' and a 'none' answer")
+        if source == "count" and (rule != "all" or not all(a.isdigit() for a in answers) or "0" not in answers):
+            raise ValueError(f"{where}: answer_from 'count' needs evidence_rule 'all' and the answers '0', '1', ...")
         out.append(ChecklistQuestion(q["id"], q["question"], tuple(answers), tuple(q.get("evidence", ())), rule,
                                      temporal, q.get("truth"), bool(q.get("numeric", False)), source))
     ids = [q.id for q in out]
@@ -194,10 +204,13 @@ class DrivingChecklist:
             decoder's does).
         questions: a question set (default: :func:`load_checklist`'s).
         threshold: dense-head cell threshold for evidence boxes.
+        detector: an :class:`~shusheng.detection.model.InternImageDetector` whose labels include car, truck and
+            bus: vehicle evidence then comes from its boxes (see the module docstring). None: the dense head's.
+        detector_threshold: lowest detection score kept as evidence.
     """
 
     def __init__(self, vqa: VQAPipeline, questions: Sequence[ChecklistQuestion] | None = None,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, detector: Any = None, detector_threshold: float = 0.5):
         if not hasattr(vqa.model.image.backbone, "features_and_dense"):
             raise ValueError("the model's image backbone has no dense object head: evidence boxes need one "
                              "(e.g. the bundled shusheng-mini-uniperceiver)")
@@ -207,14 +220,29 @@ class DrivingChecklist:
         self.questions = list(questions) if questions is not None else load_checklist()
         self.frame_questions = [q for q in self.questions if not q.is_temporal]
         self.threshold = float(threshold)
+        self.detector, self.detector_threshold = detector, float(detector_threshold)
+        if detector is not None:
+            from shusheng.data.synthdrive_render import VEHICLE_TYPES
+
+            missing = [t for t in VEHICLE_TYPES if t not in detector.labels]
+            if missing:
+                raise ValueError(f"the detector does not find {missing}: vehicle evidence needs car, truck and bus")
+            detector.eval()
+            pre = vqa.model.preprocess_config() if hasattr(vqa.model, "preprocess_config") else None
+            mean, std = (pre.mean, pre.std) if pre is not None else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+            self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         with torch.inference_mode():
             self._answer_feats = {q.id: vqa.model.text_features(list(q.answers)) for q in self.frame_questions}
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, questions: str | Path | None = None,
-                        **kwargs: Any) -> DrivingChecklist:
-        """The checklist over a saved decoder (default: the bundled one) and a question file (default set)."""
-        return cls(VQAPipeline.from_pretrained(path), load_checklist(questions), **kwargs)
+                        detector: str | Path | None = None, **kwargs: Any) -> DrivingChecklist:
+        """The checklist over a saved decoder (default: the bundled one) and a question file (default set).
+        ``detector``: a saved detector folder, ``"auto"`` (the bundled ``shusheng-mini-det`` when it is
+        installed, else none) or None (dense-head evidence)."""
+        return cls(VQAPipeline.from_pretrained(path), load_checklist(questions), detector=load_detector(detector),
+                   **kwargs)
 
     def window(self) -> TemporalWindow:
         """A new :class:`TemporalWindow` for one video."""
@@ -231,6 +259,35 @@ class DrivingChecklist:
         if answer in ("no", "none", "0") and q.evidence_rule != "nearest" and not agree:
             chosen = wanted  # what was looked at: possibly nothing
         return [{"box": b["box"], "label": b["label"], "score": round(b["score"], 4)} for b in chosen]
+
+    def _detect(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
+        """The detector on the decoder's (normalised, square) input: detections in its pixels."""
+        unit = (pixels.float().cpu() * self._std + self._mean).clamp_(0, 1)
+        return [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(list(unit))]
+
+    def _vehicle_boxes(self, found: dict[str, Any], prob: Any, shape: Sequence[int],
+                       scale: tuple[float, float]) -> list[dict[str, Any]]:
+        """Detected vehicles as evidence boxes in image pixels, labelled "<colour> <type>": the type is the
+        detector's, the colour the one whose dense label of that type is most probable inside the box."""
+        from shusheng.data.synthdrive_render import VEHICLE_TYPES
+
+        gh, gw = prob.shape[1:]
+        h, w = shape
+        out = []
+        for box, label, score in zip(found["boxes"], found["labels"], found["scores"]):
+            vtype = self.detector.label_name(int(label))
+            if vtype not in VEHICLE_TYPES or float(score) < self.detector_threshold:
+                continue
+            x0, y0, x1, y1 = (float(v) for v in box)
+            cx0, cy0 = int(x0 * gw / w), int(y0 * gh / h)
+            cx1, cy1 = max(cx0 + 1, int(np.ceil(x1 * gw / w))), max(cy0 + 1, int(np.ceil(y1 * gh / h)))
+            cells = prob[:, cy0:cy1, cx0:cx1].reshape(prob.shape[0], -1).max(1)
+            names = [k for k, n in enumerate(self.labels) if n.endswith(f" {vtype}")]
+            best = self.labels[max(names, key=lambda k: cells[k])] if names else vtype
+            bx = [int(round(x0 * scale[0])), int(round(y0 * scale[1])), int(round((x1 - x0) * scale[0])),
+                  int(round((y1 - y0) * scale[1]))]
+            out.append({"box": [max(0, v) for v in bx], "label": best, "score": float(score), "group": "vehicle"})
+        return out
 
     @torch.inference_mode()
     def __call__(self, images: Any, times: Sequence[float] | None = None, batch_size: int = 32,
@@ -260,7 +317,7 @@ class DrivingChecklist:
                 continue
             tokens, prob = self.vqa._encode_with_dense(batch.pixels, out, batch)  # one backbone pass
             prob = prob.float().cpu().numpy()
-            per_q, per_q_none = {}, {}
+            per_q, per_q_none, per_q_count = {}, {}, {}
             for q in self.frame_questions:
                 p = model.vqa_match(None, [q.question] * len(batch.index), image_tokens=tokens,
                                     answer_features=self._answer_feats[q.id])
@@ -268,10 +325,17 @@ class DrivingChecklist:
                 per_q[q.id] = [(q.answers[j], float(v)) for v, j in zip(best.values.tolist(), best.indices.tolist())]
                 if q.answer_from == "evidence":
                     per_q_none[q.id] = p[:, q.answers.index("none")].tolist()
+                if q.answer_from == "count":
+                    per_q_count[q.id] = p.tolist()
+            found = self._detect(batch.pixels) if self.detector is not None else None
             for j, i in enumerate(batch.index):
                 boxes = dense_boxes(prob[j], batch.sizes[j], self.labels, self.threshold)
                 for b in boxes:
                     b["group"] = group_of[b["label"]]
+                if found is not None:
+                    scale = (batch.sizes[j][0] / batch.pixels.shape[-1], batch.sizes[j][1] / batch.pixels.shape[-2])
+                    boxes = [b for b in boxes if b["group"] != "vehicle"] + self._vehicle_boxes(
+                        found[j], prob[j], batch.pixels.shape[-2:], scale)
                 res = {}
                 for q in self.frame_questions:
                     a, s = per_q[q.id][j]
@@ -281,6 +345,10 @@ class DrivingChecklist:
                             a, s = picked[0]["label"], picked[0]["score"]
                         elif not picked:
                             a, s = "none", float(per_q_none[q.id][j])
+                    elif q.answer_from == "count" and found is not None:  # detected boxes, capped at the top answer
+                        n_found = len(self._evidence(q, "", boxes))
+                        a = str(min(n_found, max(int(x) for x in q.answers)))
+                        s = float(per_q_count[q.id][j][q.answers.index(a)])
                     res[q.id] = {"answer": a, "score": s, "evidence": self._evidence(q, a, boxes)}
                 out["results"][i] = res
                 out["detections"][i] = [{k: v for k, v in b.items() if k != "group"} for b in boxes]
@@ -291,6 +359,23 @@ class DrivingChecklist:
                     out["results"][i].update(win.push(float(times[i]), out["results"][i]))
         return ChecklistOutput(**out)
 
+
+
+def load_detector(source: str | Path | None) -> Any:
+    """A detector for :class:`DrivingChecklist`: a saved folder, ``"auto"`` (the bundled ``shusheng-mini-det``
+    when installed, else None) or None."""
+    if source is None:
+        return None
+    from shusheng.detection.model import InternImageDetector
+
+    if str(source) == "auto":
+        from shusheng.weights import BundledWeightsNotFound, bundled_path
+
+        try:
+            source = bundled_path("shusheng-mini-det")
+        except BundledWeightsNotFound:
+            return None
+    return InternImageDetector.from_pretrained(source).eval()
 
 
 #: keys of one output line of ``demos/drive_qa.py`` and their types (``None`` allowed where listed)
