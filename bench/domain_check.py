@@ -2,6 +2,7 @@
 
     python bench/domain_check.py                    # both bundled models
     python bench/domain_check.py --model DIR        # any model folder with a domain_check.safetensors
+    python bench/domain_check.py --model shusheng/weights/shusheng-mini-det    # a detector (scenes at its size)
 
 In-domain: the fixed SynthDrive test set (seed 2023, 1,000 images, 128 px), which neither the fit (train scenes)
 nor the calibration (val scenes) of the check saw; target: at least 99 % in-domain. Out-of-domain: the real
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     reexec_with_bench_env()
     from shusheng.data import TEST_IMAGE_SIZE, TEST_SEED, sample
     from shusheng.data.nonscenes import nonscene_images
+    from shusheng.detection.pipelines import DetectionPipeline
     from shusheng.miniclip.pipelines import EmbeddingPipeline
     from shusheng.uniperceiver.pipelines import CaptionPipeline
     from shusheng.weights import bundled_path
@@ -81,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     for folder in models:
         from shusheng.modeling import model_class_for
 
-        cls = CaptionPipeline if model_class_for(folder) is CaptionPipeline.model_class else EmbeddingPipeline
-        pipe = cls.from_pretrained(folder)
+        pipelines = {p.model_class: p for p in (CaptionPipeline, EmbeddingPipeline, DetectionPipeline)}
+        pipe = pipelines.get(model_class_for(folder), EmbeddingPipeline).from_pretrained(folder)
         if pipe.domain_check is None:
             print(f"{folder}: no domain_check.safetensors (run: shusheng train domain-check --model {folder})")
             continue
-        r_test, _ = rate(pipe, test)
+        # a detector's check is fitted at its own input size: its test scenes are rendered there
+        size = pipe.model.config.min_size if isinstance(pipe, DetectionPipeline) else TEST_IMAGE_SIZE
+        r_test, _ = rate(pipe, test if size == TEST_IMAGE_SIZE else
+                         [sample(TEST_SEED, i, size)[0] for i in range(args.n)])
         r_photo, s_photo = rate(pipe, [im for _, im in photos])
         r_synth, _ = rate(pipe, synth)
         missed = [name for (name, _), s in zip(photos, s_photo) if s >= pipe.domain_check.alpha]

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -282,7 +282,7 @@ class Pipeline:
     # -- inputs ---------------------------------------------------------------------------------------------
 
     def batches(self, images: Sequence[Any], batch_size: int, on_error: str = "item",
-               own_size: bool = False) -> Iterator[Batch]:
+               own_size: bool = False, prepare: Callable[[Any], Any] | None = None) -> Iterator[Batch]:
         """Decode and transform ``images`` ``batch_size`` at a time.
 
         Args:
@@ -293,6 +293,8 @@ class Pipeline:
             own_size: keep every image at its own size, as RGB in [0, 1] without the model's transform, and give
                 them as the list ``Batch.images`` (``pixels`` is then None): for models that resize and
                 normalise themselves (torchvision's detectors).
+            prepare: with ``own_size``, a function applied to each loaded PIL image before it becomes a tensor
+                (e.g. a downscale); ``Batch.sizes`` keeps the size as loaded.
         """
         from shusheng.data import ImageLoadError, load_image
 
@@ -310,7 +312,10 @@ class Pipeline:
                         raise
                     errors.append((i, str(e)))
                     continue
-                tensors.append(_to_unit_tensor(img) if own_size else self.transform(img))
+                if own_size:
+                    tensors.append(_to_unit_tensor(img if prepare is None else prepare(img)))
+                else:
+                    tensors.append(self.transform(img))
                 index.append(i)
                 sizes.append(img.size)
             if own_size:

@@ -8,11 +8,9 @@ fixed detector."""
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +22,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 gr = pytest.importorskip("gradio")
 pytest.importorskip("transformers")
+
+from app_helpers import fn, hostile, session  # noqa: E402
 
 from shusheng.apps.gradio_app import build_demo, launch_demo  # noqa: E402
 from shusheng.apps.safety import AppLimits  # noqa: E402
@@ -73,13 +73,6 @@ def build(pipe, limits: AppLimits | None = None, detector=None):
     with gr.Blocks() as demo:
         chat.chat_tab(pipe, samples=[scene()], ctx=AppContext(limits=limits or AppLimits()), detector=detector)
     return demo
-
-
-def fn(demo, api_name: str):
-    for block_fn in demo.fns.values():
-        if block_fn.api_name == api_name:
-            return block_fn.fn
-    raise AssertionError(f"no event with api_name {api_name!r}")
 
 
 def text_of(message) -> str:
@@ -145,24 +138,12 @@ def test_stop_ends_a_running_answer():
 def test_stop_from_another_session_does_not_end_the_answer():
     pipe = ScriptedChat(delay=0.2)
     demo = build(pipe)
-    me, other = type("R", (), {"session_hash": "me"})(), type("R", (), {"session_hash": "other"})()
+    me, other = session("me"), session("other")
     gen = fn(demo, "chat")(scene(), "Describe the scene.", [], [], me)
     next(gen)
     next(gen)
     fn(demo, "stop_chat")(other)
     assert text_of(list(gen)[-1][0][-1]) == ANSWER
-
-
-def hostile(folder: Path) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(buf, "JPEG", quality=90)
-    files = {"truncated": folder / "truncated.jpg", "text": folder / "notes.png", "pixels": folder / "big.png"}
-    files["truncated"].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    files["text"].write_text("not a picture\n")
-    Image.new("RGB", (400, 300), (200, 30, 30)).save(files["pixels"])  # 120 000 px: above the limit below
-    return files
 
 
 def test_a_bad_upload_gets_a_message_and_never_reaches_the_model(tmp_path):

@@ -24,6 +24,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
+from app_helpers import component, fn, session  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_generation import TINY_UNET, ddim, tiny_text_encoder  # noqa: E402
 
@@ -74,21 +75,6 @@ def build(pipe, checker=None, **kwargs):
     with gr.Blocks() as demo:
         tab = generate.generate_tab(pipe, ctx=AppContext(), checker=checker, **kwargs)
     return demo, tab
-
-
-def fn(demo, api_name: str):
-    for block_fn in demo.fns.values():
-        if block_fn.api_name == api_name:
-            return block_fn.fn
-    raise AssertionError(f"no event with api_name {api_name!r}")
-
-
-def component(demo, elem_id: str):
-    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
-
-
-def session(name: str):
-    return type("Request", (), {"session_hash": name})()
 
 
 def test_without_a_model_the_tab_says_why_and_adds_no_api(monkeypatch, tmp_path):

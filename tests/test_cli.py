@@ -33,8 +33,9 @@ def _help(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
 
 
 def test_the_table_lists_every_command():
-    assert list(COMMANDS) == ["ops", "data", "train", "eval", "caption", "ask", "chat", "generate", "detect", "index", "search", "export", "demo"]
-    assert list(COMMANDS["train"].commands) == ["classify", "clip", "uniperceiver", "bridge", "t2i", "domain-check"]
+    assert list(COMMANDS) == ["ops", "data", "train", "eval", "caption", "ask", "chat", "generate", "detect", "segment", "index", "search", "export", "demo"]
+    assert list(COMMANDS["train"].commands) == ["classify", "clip", "uniperceiver", "bridge", "t2i", "detect", "segment",
+                                                "domain-check"]
     assert list(COMMANDS["eval"].commands) == ["classify"]
     for path, entry in _paths():
         assert isinstance(entry, (Command, Group)), path
@@ -135,7 +136,7 @@ def test_apps_import_neither_gradio_nor_torch():
         "from shusheng.apps.tabs import TAB_MODULES, load_tabs\n"
         "tabs = load_tabs()\n"
         "print(len(tabs), sorted(m for m in ('gradio', 'torch') if m in sys.modules))\n")
-    assert out == "4 []"
+    assert out == "5 []"  # Search, Caption & VQA, Chat, Detect, Generate
 
 
 def test_console_script_and_python_m():

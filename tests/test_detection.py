@@ -170,7 +170,10 @@ def test_pipeline_detector_protocol(saved) -> None:
         assert b[0] <= d["box"][0] and b[0] + b[2] >= d["box"][0] + d["box"][2] - 1e-6
 
 
-def test_pipeline_without_bundled_detector() -> None:
+def test_pipeline_without_bundled_detector(monkeypatch, tmp_path) -> None:
+    from shusheng import weights
+
+    monkeypatch.setattr(weights, "_ROOT", tmp_path)  # an installation without shusheng-mini-det
     with pytest.raises(FileNotFoundError, match="no bundled detector"):
         DetectionPipeline.from_pretrained()
 
@@ -198,7 +201,10 @@ def test_cli_detect_json_draw_and_errors(saved, tmp_path, capsys) -> None:
     assert "detection(s)" in capsys.readouterr().out
 
 
-def test_cli_detect_without_model(tmp_path, capsys) -> None:
+def test_cli_detect_without_model(tmp_path, capsys, monkeypatch) -> None:
+    from shusheng import weights
+
+    monkeypatch.setattr(weights, "_ROOT", tmp_path)  # an installation without shusheng-mini-det
     img = tmp_path / "a.png"
     Image.new("RGB", (32, 32)).save(img)
     assert main(["detect", str(img)]) == 2
@@ -213,5 +219,9 @@ def test_lazy_exports() -> None:
 
     assert det.DetectionPipeline is DetectionPipeline and det.InternImageDetector is InternImageDetector
     assert det.BackboneFPN is BackboneFPN and det.PipelineDetector is PipelineDetector
-    with pytest.raises(AttributeError, match="SegmentationPipeline"):
-        det.SegmentationPipeline  # noqa: B018 - not there yet
+    from shusheng.detection.pipelines import SegmentationPipeline
+    from shusheng.detection.segment import InternImageSegmenter
+
+    assert det.SegmentationPipeline is SegmentationPipeline and det.InternImageSegmenter is InternImageSegmenter
+    with pytest.raises(AttributeError, match="YoloPipeline"):
+        det.YoloPipeline  # noqa: B018 - no such export

@@ -9,6 +9,7 @@ Examples::
     shusheng demo --checkpoint runs/clip/final     # another save_pretrained folder of shusheng-mini-clip
     shusheng demo --bridge runs/bridge/final       # the Chat tab with a bridge trained by shusheng train bridge
     shusheng demo --t2i runs/t2i/final             # the Generate tab with a model trained by shusheng train t2i
+    shusheng demo --detector runs/det/maskrcnn/final   # the Detect tab with a detector of shusheng train detect
 
 First run: renders ``--n`` SynthDrive scenes (train split, seed 0, 128 px, the embedder's training resolution)
 into the cache folder ``$SHUSHENG_CACHE_DIR/demo/`` (default ``~/.cache/shusheng/demo/``) and indexes them with the
@@ -89,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t2i", metavar="DIR",
                         help="a trained text-to-image pipeline folder for the Generate tab (shusheng train t2i "
                              "writes <output>/final; default: the bundled shusheng-mini-t2i, not bundled yet)")
+    parser.add_argument("--detector", metavar="DIR",
+                        help="a trained detector folder for the Detect tab (shusheng train detect writes "
+                             "<output>/final; default: the bundled shusheng-mini-det)")
+    parser.add_argument("--segmenter", metavar="DIR",
+                        help="a trained segmenter folder for the Detect tab's overlay (shusheng train segment writes "
+                             "<output>/final; default: the bundled shusheng-mini-seg)")
     access = parser.add_argument_group("access (serving beyond 127.0.0.1 needs a password)")
     access.add_argument("--auth", action="append", metavar="USER:PASSWORD",
                         help="an account of the login page (repeatable; visible to other users of this machine in "
@@ -280,6 +287,12 @@ def run(args: argparse.Namespace) -> int:
         logger.error("--t2i %s is not a text-to-image pipeline folder (no model_index.json); shusheng train t2i "
                      "writes <output>/final", t2i)
         return 2
+    detector, segmenter = getattr(args, "detector", None), getattr(args, "segmenter", None)
+    for flag, given, command in (("--detector", detector, "detect"), ("--segmenter", segmenter, "segment")):
+        if given and not (Path(given).expanduser() / "config.json").is_file():
+            logger.error("%s %s is not a %s folder (no config.json); shusheng train %s writes <output>/final", flag,
+                         given, flag[2:], command)
+            return 2
     import_gradio()  # fail early (with the pip hint) when the apps extra is missing
     for noisy in ("httpx", "faiss.loader"):  # one line per HTTP request / per FAISS build tried
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -335,9 +348,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     tabs = None
-    if bridge or t2i:  # the Chat / Generate tab over that folder instead of the bundled model
+    if bridge or t2i or detector or segmenter:  # the Chat / Generate / Detect tab over those folders
         from shusheng.apps.tabs import load_tabs
         from shusheng.apps.tabs.chat import ChatTab
+        from shusheng.apps.tabs.detect import DetectTab
         from shusheng.apps.tabs.generate import GenerateTab
 
         def folder(path: str) -> str:
@@ -349,6 +363,8 @@ def run(args: argparse.Namespace) -> int:
                 t = ChatTab(folder(bridge))
             elif t2i and isinstance(t, GenerateTab):
                 t = GenerateTab(folder(t2i))
+            elif (detector or segmenter) and isinstance(t, DetectTab):
+                t = DetectTab(detector and folder(detector), segmenter and folder(segmenter))
             tabs.append(t)
     demo = build_demo(index_path, embedder, folder=folder, examples=EXAMPLE_QUERIES if generated else (),
                       title="Shusheng demo", device=args.device, policy=policy, limits=limits, tabs=tabs)

@@ -6,6 +6,9 @@
 * **Chat** (:mod:`shusheng.apps.tabs.chat`): streamed multi-turn chat about one image with a trained LLM bridge
   (the bundled ``shusheng-mini-bridge`` or ``shusheng demo --bridge DIR``; none is bundled yet, so by default the
   tab says how to train one);
+* **Detect** (:mod:`shusheng.apps.tabs.detect`): boxes, instance masks and per-class counts of one image, with the
+  semantic segmentation beside them when a segmenter is there (the bundled ``shusheng-mini-det`` /
+  ``shusheng-mini-seg``, or ``shusheng demo --detector DIR --segmenter DIR``);
 * **Generate** (:mod:`shusheng.apps.tabs.generate`): text to image with live progress, Stop, faithfulness checks
   and PNG downloads (the bundled ``shusheng-mini-t2i`` or ``shusheng demo --t2i DIR``; none is bundled yet).
 
@@ -58,8 +61,8 @@ def build_demo(index: Index | str | os.PathLike | None = None, embedder: Embedde
         examples: example text queries shown under the query box.
         k, threshold: initial number of results and score threshold.
         title: the page title.
-        extra_tabs: also add the tabs after Search (Caption & VQA, Chat, Generate); ``False``: the Search tab
-            only.
+        extra_tabs: also add the tabs after Search (Caption & VQA, Chat, Detect, Generate); ``False``: the Search
+            tab only.
         device: torch device for the models the tabs load.
         tabs: the tabs, in order (default :func:`shusheng.apps.tabs.load_tabs`; the first one is the main tab).
         allow_dirs: folders the app may index and search besides the folder of ``index`` (nothing else is;
@@ -73,7 +76,8 @@ def build_demo(index: Index | str | os.PathLike | None = None, embedder: Embedde
         The ``gr.Blocks``; ``demo.search_app`` is the Search tab's
         :class:`~shusheng.apps.tabs.search.SearchApp` (``None`` without that tab) and ``demo.limits`` the
         limits. Serve it with :func:`launch_demo`. Event API names: ``/search``, ``/index_folder``, ``/caption``,
-        ``/ask`` (``/checklist`` with a dense head), ``/chat``, ``/stop_chat`` when the Chat tab has a bridge, and
+        ``/ask`` (``/checklist`` with a dense head), ``/chat``, ``/stop_chat`` when the Chat tab has a bridge,
+        ``/detect`` when the Detect tab has a detector, and
         ``/generate``, ``/stop_generate`` when the Generate tab has a model.
     """
     gr = import_gradio()

@@ -13,6 +13,12 @@ Mask R-CNN / FCOS (torchvision) on a feature pyramid over any ``create_backbone`
     >>> model = InternImageDetector(DetectorConfig(backbone="internimage_t", head="fcos"))   # random init
     >>> DetectionPipeline(model)(["street.png"]).detections
 
+Semantic segmentation, UperNet on any such tower (class id ``k`` = ``labels[k]``, SynthDrive's classes by default):
+
+    >>> from shusheng.detection import InternImageSegmenter, SegmentationPipeline, SegmenterConfig
+    >>> model = InternImageSegmenter(SegmenterConfig(backbone="internimage_t"))       # random init
+    >>> SegmentationPipeline(model)(["street.png"]).class_ids                          # [(H, W) int64 ids]
+
 Importing this package is light; torch models load on first use.
 """
 
@@ -29,6 +35,10 @@ _EXPORTS = {
     "DetectionOutput": "shusheng.detection.pipelines",
     "DetectionPipeline": "shusheng.detection.pipelines",
     "PipelineDetector": "shusheng.detection.pipelines",
+    "SegmenterConfig": "shusheng.detection.segment",
+    "InternImageSegmenter": "shusheng.detection.segment",
+    "SegmentationOutput": "shusheng.detection.pipelines",
+    "SegmentationPipeline": "shusheng.detection.pipelines",
 }
 
 __all__ = sorted([*_EXPORTS, "Detector"])

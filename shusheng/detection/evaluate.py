@@ -210,7 +210,10 @@ def evaluate_segmenter(predict, scenes: Sequence[Scene], names: Sequence[str], b
     confusion = None
     for b in tqdm(range(0, len(scenes), batch_size), desc="segment", disable=not progress, mininterval=5):
         chunk = scenes[b:b + batch_size]
-        for s, p in zip(chunk, predict([s.image for s in chunk])):
+        preds = list(predict([s.image for s in chunk]))
+        if len(preds) != len(chunk):
+            raise ValueError(f"predict returned {len(preds)} maps for {len(chunk)} images")
+        for s, p in zip(chunk, preds):
             if s.semantic is None:
                 raise ValueError("a scene without a semantic mask cannot be scored")
             confusion = confusion_miou(np.asarray(p), s.semantic, len(names), confusion)

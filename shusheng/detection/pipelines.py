@@ -1,34 +1,52 @@
 """``DetectionPipeline``: boxes (and instance masks) of an :class:`InternImageDetector` for a list of images.
 
     >>> from shusheng.detection.pipelines import DetectionPipeline, PipelineDetector
-    >>> pipe = DetectionPipeline.from_pretrained("out/det")         # no bundled detector exists yet
+    >>> pipe = DetectionPipeline.from_pretrained()        # the bundled shusheng-mini-det, or a folder
     >>> out = pipe(["a.png", "b.jpg"], threshold=0.5)
     >>> out.detections[0]          # [{"label": "car", "score": 0.91, "box": [x, y, w, h], "mask": RLE | None}, ...]
     >>> index_folder(..., detector=PipelineDetector(pipe))         # the Detector protocol, for ingest
 
-Images are decoded batch by batch through ``shusheng.data.load_image`` and handed to the detector at their own
-size: the detector normalises them with the backbone's mean/std, resizes them keeping the aspect ratio, and
-maps its boxes and masks back, so ``box`` is ``[x, y, w, h]`` in the pixels of the image as loaded (EXIF
-orientation applied). ``mask`` is a COCO run-length encoding (``{"size": [h, w], "counts": str}``, pycocotools)
-of the instance mask thresholded at 0.5, or None for a head without masks (FCOS). An image that cannot be loaded
-gets ``None`` and its reason in ``errors`` (``on_error="raise"`` raises instead). No in-domain check exists for
-detectors yet: every item is ``in_domain`` with a NaN ``domain_score``.
+Images are decoded batch by batch through ``shusheng.data.load_image`` and handed to the detector, which
+normalises them with the backbone's mean/std and resizes them keeping the aspect ratio (shorter side
+``min_size``, longer at most ``max_size``). An image larger than that is first downscaled by the pipeline, with
+Pillow's antialiasing, to exactly the size the detector would resize it to (``input_sizes``): a 4000 x 3000
+photograph never becomes a float tensor at full size, and the detector's masks are not pasted at full size (a
+hundred of them would take gigabytes). Boxes and masks are always mapped back to the image as loaded (EXIF
+orientation applied): ``box`` is ``[x, y, w, h]`` in its pixels; ``mask`` is a COCO run-length encoding
+(``{"size": [h, w], "counts": str}``, pycocotools) of the instance mask thresholded at 0.5, at the image's own
+size, or None for a head without masks (FCOS). An image that cannot be loaded gets ``None`` and its reason in
+``errors`` (``on_error="raise"`` raises instead).
+
+In-domain check: a detector folder may hold a ``domain_check.safetensors`` (``shusheng train domain-check --model
+DIR``), fitted on :meth:`DetectionPipeline.domain_features`: the per-channel mean and standard deviation of every
+tower level the pyramid reads. ``__call__`` reads the same statistics from its own detection pass (over each
+image's cells, without the batch padding), so the check costs no second tower pass. Without one, every item is
+``in_domain`` with a NaN ``domain_score``.
+
+``SegmentationPipeline`` (semantic segmentation, :class:`~shusheng.detection.segment.InternImageSegmenter`) gives
+per image its ``(H, W)`` class-id map at the image's own size and the share of its pixels in each class:
+
+    >>> seg = SegmentationPipeline.from_pretrained()       # the bundled shusheng-mini-seg, or a folder
+    >>> out = seg(["a.png"]); out.class_ids[0], out.shares[0]["road"]
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from shusheng.detection.model import InternImageDetector
+from shusheng.detection.segment import InternImageSegmenter
 from shusheng.pipelines import Pipeline, PipelineOutput, as_image_list
 
-__all__ = ["DetectionOutput", "DetectionPipeline", "PipelineDetector"]
+__all__ = ["BUNDLED_DETECTOR", "DetectionOutput", "DetectionPipeline", "PipelineDetector", "SegmentationOutput",
+           "SegmentationPipeline", "detector_input_size", "tower_level_stats"]
 
 
 @dataclass
@@ -38,11 +56,48 @@ class DetectionOutput(PipelineOutput):
     Attributes:
         detections: ``[{"label": str, "score": float, "box": [x, y, w, h], "mask": RLE dict | None}, ...]``.
         sizes: ``(width, height)`` of each image as loaded (None when it failed).
+        input_sizes: ``(width, height)`` the detector was given: ``sizes[i]``, or the smaller size the pipeline
+            downscaled a larger image to (boxes and masks are still in the pixels of ``sizes[i]``).
         in_domain, domain_score, errors: see :class:`shusheng.pipelines.PipelineOutput`.
     """
 
     detections: list[list[dict[str, Any]] | None]
     sizes: list[tuple[int, int] | None]
+    input_sizes: list[tuple[int, int] | None] = field(default_factory=list)
+
+    def resized(self, i: int) -> bool:
+        """Whether image ``i`` was downscaled by the pipeline before the detector saw it."""
+        return self.sizes[i] is not None and tuple(self.input_sizes[i]) != tuple(self.sizes[i])
+
+
+#: the bundled detector (Mask R-CNN), written by ``shusheng train detect``
+BUNDLED_DETECTOR = "shusheng-mini-det"
+
+
+def detector_input_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """``(width, height)`` a torchvision detector resizes a ``width x height`` image to: aspect kept, shorter side
+    ``min_size`` unless the longer side would pass ``max_size`` (rounded, so that the detector's own resize of an
+    image at this size keeps it as it is)."""
+    s = min(min_size / min(width, height), max_size / max(width, height))
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def tower_level_stats(levels: Sequence[torch.Tensor], strides: Sequence[int],
+                      sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+    """The in-domain features of a detector: ``(B, 2 * sum(C_l))``, the per-channel means of every level map
+    ``(B, C_l, h_l, w_l)`` and then their standard deviations, over the cells of each image (``sizes``: the
+    ``(height, width)`` of each image in a zero-padded batch, whose padding is left out; None = whole maps)."""
+    means, stds = [], []
+    for f, stride in zip(levels, strides):
+        f = f.float()
+        if sizes is None:
+            flat = [f.flatten(2)]
+        else:
+            flat = [f[i:i + 1, :, :math.ceil(h / stride), :math.ceil(w / stride)].flatten(2)
+                    for i, (h, w) in enumerate(sizes)]
+        means.append(torch.cat([x.mean(-1) for x in flat]))  # (B, C_l)
+        stds.append(torch.cat([x.std(-1, unbiased=False) for x in flat]))
+    return torch.cat(means + stds, dim=1)
 
 
 def _rle(mask: np.ndarray) -> dict[str, Any]:
@@ -57,35 +112,58 @@ class DetectionPipeline(Pipeline):
 
     Args:
         model: the detector.
-        domain_check: must be None (detectors have no in-domain check yet).
+        domain_check: a :class:`~shusheng.pipelines.DomainCheck` over :meth:`domain_features`, or None
+            (``from_pretrained`` loads the one stored with the weights).
         runtime: only ``"torch"`` for now.
     """
 
     model_class = InternImageDetector
-    bundled_model = None  # no trained detector is bundled yet (issue 18)
+    bundled_model = BUNDLED_DETECTOR
 
     def __init__(self, model: InternImageDetector, domain_check: Any = None, runtime: str = "torch"):
         if runtime != "torch":
             raise ValueError(f"DetectionPipeline runs on runtime='torch' only for now, got {runtime!r}")
-        if domain_check is not None:
-            raise ValueError("detectors have no in-domain check yet; pass domain_check=None")
-        super().__init__(model, None, runtime)
+        super().__init__(model, domain_check, runtime)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                         runtime: str = "torch", **kwargs: Any) -> DetectionPipeline:
-        """Load a detector folder written by ``InternImageDetector.save_pretrained``.
+        """Load a detector folder written by ``InternImageDetector.save_pretrained`` (None: the bundled
+        ``shusheng-mini-det``) with its in-domain check, if it has one.
 
         Raises:
-            FileNotFoundError: ``path`` is None (no bundled detector exists yet) or not a model folder.
+            shusheng.weights.BundledWeightsNotFound: ``path`` is None and no detector is bundled here.
+            FileNotFoundError: ``path`` is not a model folder.
         """
         if path is None:
-            from shusheng.weights import BundledWeightsNotFound
+            from shusheng.weights import BundledWeightsNotFound, bundled_path
 
-            raise BundledWeightsNotFound("no bundled detector exists yet: pass the folder of a detector saved with "
-                                         "InternImageDetector.save_pretrained (shusheng detect --model DIR)")
-        model = cls.model_class.from_pretrained(path, **kwargs).to(device)
-        return cls(model, None, runtime=runtime)
+            try:
+                path = bundled_path(cls.bundled_model)
+            except BundledWeightsNotFound as e:
+                raise BundledWeightsNotFound(
+                    f"no bundled detector here ({e}); or pass the folder of a detector saved with "
+                    "InternImageDetector.save_pretrained (shusheng detect --model DIR)") from None
+        return super().from_pretrained(path, device=device, runtime=runtime, **kwargs)
+
+    def domain_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` in-domain features of a batch of transformed images (the pipeline's ``transform``: the
+        detector's mean/std, shorter side ``min_size``): :func:`tower_level_stats` of the tower levels that the
+        pyramid reads. ``__call__`` computes the same from its own pass."""
+        fpn = self.model.fpn
+        with torch.inference_mode():
+            levels = fpn.backbone.forward_intermediates(pixels, fpn.indices, intermediates_only=True)
+            return tower_level_stats(levels, fpn.strides[:-1])
+
+    def _prepare(self, img: Any) -> Any:
+        """An image larger than the detector's input, downscaled (antialiased) to the detector's own size."""
+        from PIL import Image
+
+        c = self.model.config
+        size = detector_input_size(*img.size, c.min_size, c.max_size)
+        if size[0] >= img.size[0] and size[1] >= img.size[1]:
+            return img
+        return img.resize(size, Image.Resampling.BILINEAR)
 
     def __call__(self, images: Any, threshold: float = 0.5, batch_size: int = 4,
                  on_error: str = "item") -> DetectionOutput:
@@ -104,27 +182,57 @@ class DetectionPipeline(Pipeline):
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         images = as_image_list(images)
         n = len(images)
-        out = {"detections": [None] * n, "sizes": [None] * n, **self._empty(n)}
-        with torch.inference_mode():
-            for batch in self.batches(images, batch_size, on_error, own_size=True):
-                results = self.model(batch.images) if batch.images else []
-                for i, img, res in zip(batch.index, batch.images, results):
-                    out["sizes"][i] = (int(img.shape[2]), int(img.shape[1]))
-                    out["detections"][i] = self._convert(res, threshold)
-                self._fill(out, batch, [True] * len(batch.index), [math.nan] * len(batch.index))
+        out = {"detections": [None] * n, "sizes": [None] * n, "input_sizes": [None] * n, **self._empty(n)}
+        seen: dict[str, Any] = {}  # what the detector's own pass shows the in-domain check
+        hooks = []
+        if self.domain_check is not None:
+            hooks = [self.model.detector.transform.register_forward_hook(
+                         lambda module, args, result: seen.__setitem__("sizes", result[0].image_sizes)),
+                     self.model.fpn.fpn.register_forward_pre_hook(
+                         lambda module, args: seen.__setitem__("levels", list(args[0].values())))]
+        try:
+            with torch.inference_mode():
+                for batch in self.batches(images, batch_size, on_error, own_size=True, prepare=self._prepare):
+                    if not batch.images:  # every image of this stretch failed
+                        self._fill(out, batch, [], [])
+                        continue
+                    results = self.model(batch.images)
+                    for i, img, size, res in zip(batch.index, batch.images, batch.sizes, results):
+                        given = (int(img.shape[2]), int(img.shape[1]))
+                        out["sizes"][i], out["input_sizes"][i] = (int(size[0]), int(size[1])), given
+                        out["detections"][i] = self._convert(res, threshold, given, out["sizes"][i])
+                    feats = None
+                    if self.domain_check is not None:
+                        feats = tower_level_stats(seen["levels"], self.model.fpn.strides[:-1], seen["sizes"])
+                    self._fill(out, batch, *self.score_features(feats, len(batch.index)))
+        finally:
+            for h in hooks:
+                h.remove()
         return DetectionOutput(**out)
 
-    def _convert(self, res: dict[str, torch.Tensor], threshold: float) -> list[dict[str, Any]]:
+    def _convert(self, res: dict[str, torch.Tensor], threshold: float, given: tuple[int, int],
+                 size: tuple[int, int]) -> list[dict[str, Any]]:
+        """Detections above ``threshold`` in the pixels of the image as loaded (``size``), from the detector's on
+        the image it was given (``given``)."""
         keep = res["scores"] >= threshold
-        boxes = res["boxes"][keep].float().cpu().tolist()
+        boxes = res["boxes"][keep].float()
+        (gw, gh), (w, h) = given, size
+        if given != size:
+            boxes = boxes * boxes.new_tensor([w / gw, h / gh, w / gw, h / gh])
         scores = res["scores"][keep].float().cpu().tolist()
         labels = res["labels"][keep].cpu().tolist()
-        masks = (res["masks"][keep, 0] >= 0.5).cpu().numpy() if "masks" in res else None
+        masks = res["masks"][keep] if "masks" in res else None  # (N, 1, gh, gw) probabilities
         found = []
-        for k, ((x0, y0, x1, y1), s, lab) in enumerate(zip(boxes, scores, labels)):
+        for k, ((x0, y0, x1, y1), s, lab) in enumerate(zip(boxes.cpu().tolist(), scores, labels)):
+            mask = None
+            if masks is not None:
+                m = masks[k:k + 1].float()
+                if given != size:  # one instance at a time at full size
+                    m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+                mask = _rle((m[0, 0] >= 0.5).cpu().numpy())
             found.append({"label": self.model.label_name(lab), "score": round(float(s), 4),
                           "box": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                          "mask": None if masks is None else _rle(masks[k])})
+                          "mask": mask})
         return sorted(found, key=lambda d: -d["score"])
 
 
@@ -160,3 +268,85 @@ class PipelineDetector:
             x0, y0 = math.floor(x), math.floor(y)
             boxes.append([x0, y0, math.ceil(x + w) - x0, math.ceil(y + h) - y0])
         return boxes
+
+
+@dataclass
+class SegmentationOutput(PipelineOutput):
+    """Per image, its class map and class shares (``None`` for an image that failed; see ``errors``).
+
+    Attributes:
+        class_ids: ``(H, W)`` int64 arrays at the image's own size; id ``k`` names ``labels[k]``.
+        shares: ``{class name: share of the image's pixels}`` over every class (summing to 1).
+        sizes: ``(width, height)`` of each image as loaded (None when it failed).
+        labels: the model's class names.
+        in_domain, domain_score, errors: see :class:`shusheng.pipelines.PipelineOutput`.
+    """
+
+    class_ids: list[np.ndarray | None]
+    shares: list[dict[str, float] | None]
+    sizes: list[tuple[int, int] | None]
+    labels: list[str]
+
+
+class SegmentationPipeline(Pipeline):
+    """Semantic segmentation with an :class:`~shusheng.detection.segment.InternImageSegmenter`.
+
+    Images are loaded through ``shusheng.data.load_image``, resized to the model's square ``image_size`` and
+    normalised (``resolve_transform``, from the preprocessing stored with the weights); the logits are resized
+    back to each image's own size before the argmax. The in-domain check is the one stored with the weights
+    (pooled last-level tower features); without one, every item is ``in_domain`` with a NaN ``domain_score``, as
+    for detectors.
+
+    Args:
+        model: the segmenter.
+        domain_check: a :class:`~shusheng.pipelines.DomainCheck` over :meth:`domain_features`, or None.
+        runtime: only ``"torch"`` for now.
+    """
+
+    model_class = InternImageSegmenter
+    bundled_model = "shusheng-mini-seg"
+
+    def __init__(self, model: InternImageSegmenter, domain_check: Any = None, runtime: str = "torch"):
+        if runtime != "torch":
+            raise ValueError(f"SegmentationPipeline runs on runtime='torch' only for now, got {runtime!r}")
+        super().__init__(model, domain_check, runtime)
+
+    @staticmethod
+    def _pooled(feats: list[torch.Tensor]) -> torch.Tensor:
+        return feats[-1].float().mean((2, 3))  # (B, C_last)
+
+    def domain_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, C)``: the tower's last level map, average-pooled."""
+        with torch.inference_mode():
+            return self._pooled(self.model.forward_features(pixels))
+
+    def __call__(self, images: Any, batch_size: int = 4, on_error: str = "item") -> SegmentationOutput:
+        """Segment images.
+
+        Args:
+            images: one image or a list (paths, bytes, file objects, PIL images).
+            batch_size: images decoded and segmented at a time.
+            on_error: ``"item"``: an image that cannot be loaded fails its own item (``errors[i]``);
+                ``"raise"``: its ``ImageLoadError`` ends the call.
+
+        Returns:
+            :class:`SegmentationOutput`.
+        """
+        images = as_image_list(images)
+        n = len(images)
+        labels = list(self.model.labels)
+        out = {"class_ids": [None] * n, "shares": [None] * n, "sizes": [None] * n, **self._empty(n)}
+        with torch.inference_mode():
+            for batch in self.batches(images, batch_size, on_error):
+                if batch.pixels is None:
+                    self._fill(out, batch, [], [])
+                    continue
+                ids, feats = self.model.segment(batch.pixels, batch.sizes)
+                for i, size, m in zip(batch.index, batch.sizes, ids):
+                    out["class_ids"][i] = m
+                    out["shares"][i] = self.model.class_shares(m, labels)
+                    out["sizes"][i] = (int(size[0]), int(size[1]))
+                in_domain, scores = self.score_features(self._pooled(feats) if self.domain_check else None,
+                                                        len(batch.index))
+                self._fill(out, batch, in_domain, scores)
+        return SegmentationOutput(**out, labels=labels)

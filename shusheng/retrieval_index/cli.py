@@ -66,10 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regions", metavar="FILE.json",
                         help="boxes to index as regions: {\"path\": [[x, y, w, h], ...]} (paths relative to FOLDER)")
     parser.add_argument("--detect", action="store_true",
-                        help="also index the objects that the bundled shusheng-mini-clip's dense head finds "
-                             "(vehicles, people, traffic lights, signs) as region entries")
+                        help="also index the objects a detector finds (vehicles, people, traffic lights, signs) as "
+                             "region entries: the bundled shusheng-mini-det when present, else the dense head of "
+                             "shusheng-mini-clip")
+    parser.add_argument("--detector", metavar="DIR",
+                        help="the detector of --detect (implies it): a folder saved by "
+                             "InternImageDetector.save_pretrained (shusheng train detect writes <output>/final)")
     parser.add_argument("--detect-threshold", type=float, default=0.5, metavar="P",
-                        help="minimum cell probability for --detect (0.5)")
+                        help="lowest detector score (or dense-head cell probability) for --detect (0.5)")
     videos = parser.add_argument_group("videos (.mp4, .mov, .avi, .mkv, .webm; needs pip install 'shusheng[video]')")
     videos.add_argument("--video-fps", type=float, default=None, metavar="F",
                         help="frames sampled per second of video (default: the rate recorded in the index, else 1); "
@@ -178,6 +182,37 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _region_detector(folder: str | None = None, threshold: float = 0.5, checkpoint: str | None = None,
+                    embedder: str | None = None, device: str | None = None):
+    """The detector of ``--detect``: the detector saved in ``folder``; else the bundled ``shusheng-mini-det``
+    (a :class:`~shusheng.detection.pipelines.PipelineDetector`) when present; else the dense head of
+    ``shusheng-mini-clip`` (:class:`~shusheng.detection.DenseObjectDetector`; of ``checkpoint`` when that is a
+    mini-clip folder)."""
+    from shusheng.detection.pipelines import DetectionPipeline, PipelineDetector
+    from shusheng.weights import BundledWeightsNotFound
+
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"--detect-threshold must be in (0, 1), got {threshold}")
+    try:
+        import torch
+
+        pipe = DetectionPipeline.from_pretrained(folder, device=device or ("cuda" if torch.cuda.is_available()
+                                                                           else "cpu"))
+    except BundledWeightsNotFound:
+        if folder is not None:
+            raise
+    else:
+        logger.info("--detect: the detector of %s", folder or pipe.bundled_model)
+        return PipelineDetector(pipe, threshold=threshold)
+    from shusheng.detection import DenseObjectDetector
+    from shusheng.miniclip import MODEL_NAME, MiniClip, load_bundled
+
+    own = checkpoint and (embedder or MODEL_NAME) == MODEL_NAME and Path(checkpoint).is_dir()
+    model = MiniClip.from_pretrained(checkpoint, device=device) if own else load_bundled(device)
+    logger.info("--detect: the dense head of %s (no shusheng-mini-det here)", model.name)
+    return DenseObjectDetector(model, threshold=threshold)
+
+
 def _run_index(args: argparse.Namespace) -> int:
     from shusheng.data.images import DEFAULT_MAX_PIXELS
     from shusheng.retrieval_index.ingest import index_folder
@@ -186,7 +221,7 @@ def _run_index(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from shusheng.retrieval_index.ray_ingest import DEFAULT_SHARD_SIZE, RayEngine
 
-        if args.detect:
+        if args.detect or args.detector:
             logger.error("--detect runs only in the in-process engine: index without --engine ray")
             return 2
         engine = RayEngine(address=args.address, workers=args.workers,
@@ -195,13 +230,13 @@ def _run_index(args: argparse.Namespace) -> int:
         logger.error("--address, --workers and --shard-size need --engine ray")
         return 2
     detector = None
-    if args.detect:
-        from shusheng.detection import DenseObjectDetector
-        from shusheng.miniclip import MODEL_NAME, MiniClip, load_bundled
-
-        own = args.checkpoint and (args.embedder or MODEL_NAME) == MODEL_NAME and Path(args.checkpoint).is_dir()
-        model = MiniClip.from_pretrained(args.checkpoint, device=args.device) if own else load_bundled(args.device)
-        detector = DenseObjectDetector(model, threshold=args.detect_threshold)
+    if args.detect or args.detector:
+        try:
+            detector = _region_detector(args.detector, args.detect_threshold, args.checkpoint, args.embedder,
+                                       args.device)
+        except (FileNotFoundError, ValueError) as e:
+            logger.error("cannot load the detector: %s", e)
+            return 2
     try:
         report = index_folder(
             args.folder, args.index, args.embedder, checkpoint=args.checkpoint, device=args.device,

@@ -266,8 +266,9 @@ def train(cfg: DetectTrainConfig) -> dict[str, Any]:
 
 
 def command_flags(cfg: DetectTrainConfig) -> str:
-    """The ``shusheng train detect`` flags that differ from the defaults (recorded in the model card)."""
-    default, parts = DetectTrainConfig(), []
+    """The ``shusheng train detect`` flags that differ from the defaults (recorded in the model card); any
+    trainer config dataclass works (its own defaults are the reference)."""
+    default, parts = type(cfg)(), []
     for k, v in asdict(cfg).items():
         if v == getattr(default, k) or k in ("resume", "output"):
             continue
@@ -276,6 +277,8 @@ def command_flags(cfg: DetectTrainConfig) -> str:
             parts.append(flag if v else "--no-" + flag[2:])
         elif isinstance(v, dict):
             parts.append(f"{flag} '{json.dumps(v)}'")
+        elif isinstance(v, (tuple, list)):
+            parts.append(f"{flag} {','.join(str(x) for x in v)}")
         else:
             parts.append(f"{flag} {'none' if v is None else v}")
     return " ".join(parts)

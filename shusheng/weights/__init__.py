@@ -30,6 +30,13 @@ TRAIN_COMMANDS: dict[str, str] = {
                             "runs/bridge/final to shusheng/weights/shusheng-mini-bridge",
     "shusheng-mini-t2i": "shusheng train t2i --output runs/t2i (see docs/generation.md); then copy runs/t2i/final "
                          "to shusheng/weights/shusheng-mini-t2i",
+    "shusheng-mini-det": "shusheng train detect --output runs/det/maskrcnn (see docs/detection.md); then copy "
+                         "runs/det/maskrcnn/final to shusheng/weights/shusheng-mini-det",
+    "shusheng-mini-det-fcos": "shusheng train detect --output runs/det/fcos --head fcos --anchor-scale 1 (see "
+                              "docs/detection.md); then copy runs/det/fcos/final to "
+                              "shusheng/weights/shusheng-mini-det-fcos",
+    "shusheng-mini-seg": "shusheng train segment --output runs/seg (see docs/detection.md); then copy runs/seg/final "
+                         "to shusheng/weights/shusheng-mini-seg",
 }
 
 

@@ -46,7 +46,7 @@ __all__ = ["TAB_MODULES", "AppContext", "AppLimits", "FolderPolicy", "SessionSto
 
 #: The app's tabs, in order; each module has a ``TAB``. The first one (Search) is the app's main tab.
 TAB_MODULES: tuple[str, ...] = ("shusheng.apps.tabs.search", "shusheng.apps.tabs.caption_vqa",
-                               "shusheng.apps.tabs.chat", "shusheng.apps.tabs.generate")
+                               "shusheng.apps.tabs.chat", "shusheng.apps.tabs.detect", "shusheng.apps.tabs.generate")
 
 
 @dataclass
