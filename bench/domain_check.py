@@ -3,11 +3,14 @@
     python bench/domain_check.py                    # both bundled models
     python bench/domain_check.py --model DIR        # any model folder with a domain_check.safetensors
     python bench/domain_check.py --model shusheng/weights/shusheng-mini-det    # a detector (scenes at its size)
+    python bench/domain_check.py --model shusheng/weights/shusheng-mini-seg    # a segmenter (scenes at its size)
 
 In-domain: the fixed SynthDrive test set (seed 2023, 1,000 images, 128 px), which neither the fit (train scenes)
-nor the calibration (val scenes) of the check saw; target: at least 99 % in-domain. Out-of-domain: the real
-photographs bundled with scikit-image (``skimage/data``) and matplotlib (``mpl-data/sample_data``), and 40
-synthetic non-scenes (``shusheng.data.nonscenes``); target: at least 95 % flagged. Images go through the
+nor the calibration (val scenes) of the check saw; target: at least 99 % in-domain. A detector's or segmenter's
+check is fitted at the model's own input size (``min_size``, ``image_size``), so for them the same test scenes are
+rendered at that size. Out-of-domain: the real photographs bundled with scikit-image (``skimage/data``) and
+matplotlib (``mpl-data/sample_data``), and 40 synthetic non-scenes (``shusheng.data.nonscenes``); target: at least
+95 % flagged. Images go through the
 pipelines' own loading and transform (``Pipeline.check_domain``), exactly as ``shusheng caption`` sees them.
 Writes ``domain_check.{json,md}``.
 """
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     reexec_with_bench_env()
     from shusheng.data import TEST_IMAGE_SIZE, TEST_SEED, sample
     from shusheng.data.nonscenes import nonscene_images
-    from shusheng.detection.pipelines import DetectionPipeline
+    from shusheng.detection.pipelines import DetectionPipeline, SegmentationPipeline
     from shusheng.miniclip.pipelines import EmbeddingPipeline
+    from shusheng.modeling import model_class_for
     from shusheng.uniperceiver.pipelines import CaptionPipeline
     from shusheng.weights import bundled_path
 
@@ -79,17 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     photos = photographs()
     synth = nonscene_images(40)
     models = args.model or [str(bundled_path("shusheng-mini-uniperceiver")), str(bundled_path("shusheng-mini-clip"))]
+    pipelines = {p.model_class: p
+                 for p in (CaptionPipeline, EmbeddingPipeline, DetectionPipeline, SegmentationPipeline)}
     rows = []
     for folder in models:
-        from shusheng.modeling import model_class_for
-
-        pipelines = {p.model_class: p for p in (CaptionPipeline, EmbeddingPipeline, DetectionPipeline)}
         pipe = pipelines.get(model_class_for(folder), EmbeddingPipeline).from_pretrained(folder)
         if pipe.domain_check is None:
             print(f"{folder}: no domain_check.safetensors (run: shusheng train domain-check --model {folder})")
             continue
-        # a detector's check is fitted at its own input size: its test scenes are rendered there
-        size = pipe.model.config.min_size if isinstance(pipe, DetectionPipeline) else TEST_IMAGE_SIZE
+        # a detector's or segmenter's check is fitted at its own input size: its test scenes are rendered there
+        dense = isinstance(pipe, (DetectionPipeline, SegmentationPipeline))
+        size = pipe.model.preprocess_config().size if dense else TEST_IMAGE_SIZE
         r_test, _ = rate(pipe, test if size == TEST_IMAGE_SIZE else
                          [sample(TEST_SEED, i, size)[0] for i in range(args.n)])
         r_photo, s_photo = rate(pipe, [im for _, im in photos])

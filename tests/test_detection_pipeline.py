@@ -1,7 +1,7 @@
 """The detection pipeline around a saved detector (tiny random models, 64 px): the bundled ``shusheng-mini-det`` as
 the default of the pipeline, ``shusheng detect`` and ingest's ``--detect``; large images downscaled before the
 model with boxes and masks mapped back; the in-domain check of a detector (``shusheng train domain-check``),
-read from the detection pass itself; ``--detector DIR`` for ingest."""
+read from the detection pass itself (``return_levels``, no hooks); ``--detector DIR`` for ingest."""
 
 from __future__ import annotations
 
@@ -19,13 +19,9 @@ from PIL import Image
 
 from shusheng.cli import main
 from shusheng.data import synthdrive as sd
+from shusheng.detection.domain import tower_level_stats
 from shusheng.detection.model import DetectorConfig, InternImageDetector
-from shusheng.detection.pipelines import (
-    DetectionPipeline,
-    PipelineDetector,
-    detector_input_size,
-    tower_level_stats,
-)
+from shusheng.detection.pipelines import DetectionPipeline, PipelineDetector, detector_input_size
 from shusheng.pipelines import DOMAIN_FILE
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
@@ -119,7 +115,7 @@ def test_a_large_image_is_downscaled_before_the_model(saved, tmp_path, capsys) -
     big.save(path, quality=90)
     pipe = DetectionPipeline.from_pretrained(saved)
     seen = []
-    handle = pipe.model.detector.register_forward_pre_hook(lambda m, args: seen.extend(t.shape for t in args[0]))
+    handle = pipe.model.register_forward_pre_hook(lambda m, args: seen.extend(t.shape for t in args[0]))
     try:
         out = pipe([str(path)], threshold=0.0)
     finally:
@@ -167,6 +163,55 @@ def test_level_stats_leave_the_padding_out() -> None:
     x = f[0, :, :, :6].flatten(1)
     torch.testing.assert_close(stats[0], torch.cat([x.mean(1), x.std(1, unbiased=False)]))
     assert tower_level_stats([f, f[:, :, ::2, ::2]], [4, 8]).shape == (1, 16)
+    assert tower_level_stats([f, f[:, :, ::2, ::2]]).shape == (1, 16)  # whole maps need no strides
+    with pytest.raises(ValueError, match="stride"):
+        tower_level_stats([f], sizes=[(32, 24)])
+    import shusheng.detection.pipelines as pipelines
+
+    assert pipelines.tower_level_stats is tower_level_stats  # one implementation, re-exported
+
+
+def direct_level_stats(model: InternImageDetector, images: list[torch.Tensor]) -> torch.Tensor:
+    """The in-domain features written out by hand: each image alone through the detector's transform and
+    ``forward_intermediates`` of its tower, then the per-channel mean and std of every level."""
+    fpn = model.fpn
+    rows = []
+    for img in images:
+        batch, _ = model.detector.transform([img])
+        levels = fpn.backbone.forward_intermediates(batch.tensors, fpn.indices, intermediates_only=True)
+        h, w = batch.image_sizes[0]
+        cells = [f[0, :, :math.ceil(h / s), :math.ceil(w / s)].float().flatten(1)
+                 for f, s in zip(levels, fpn.strides[:-1])]
+        rows.append(torch.cat([c.mean(1) for c in cells] + [c.std(1, unbiased=False) for c in cells]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("head", ["maskrcnn", "fcos"])
+def test_return_levels_is_torchvisions_inference_with_the_tower_levels(head: str) -> None:
+    """``model(images, return_levels=True)`` gives exactly what torchvision's own forward gives, and the tower
+    levels of that pass: those of ``forward_intermediates`` on the padded batch."""
+    torch.manual_seed(0)
+    fpn_channels = 64 if head == "fcos" else 32  # FCOS group-normalises in 32 groups
+    model = InternImageDetector(DetectorConfig(**{**TINY, "head": head, "max_size": 96,
+                                                  "fpn_channels": fpn_channels})).eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 40, 90), torch.rand(3, 70, 50)]  # padded batch, mixed sizes
+    with torch.inference_mode():
+        plain = model(images)
+        found, levels, sizes = model(images, return_levels=True)
+        batch, _ = model.detector.transform(images)
+        want = model.fpn.backbone.forward_intermediates(batch.tensors, model.fpn.indices, intermediates_only=True)
+    assert sizes == [tuple(s) for s in batch.image_sizes] and len(found) == 3
+    assert any(len(r["boxes"]) for r in plain)  # score_threshold 0: something to compare
+    for a, b in zip(found, plain):
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert [f.shape for f in levels] == [f.shape for f in want]
+    assert all(torch.equal(a, b) for a, b in zip(levels, want))
+    assert model.level_strides == [4, 8, 16, 32]
+    model.train()
+    with pytest.raises(ValueError, match="inference"):
+        model(images, return_levels=True)
 
 
 def test_domain_check_of_a_detector(checked) -> None:
@@ -178,16 +223,43 @@ def test_domain_check_of_a_detector(checked) -> None:
     check = pipe.domain_check
     assert check is not None and check.info["features"] == "DetectionPipeline.domain_features"
     assert check.mean.shape == (2 * (8 + 16 + 32 + 64),)  # mean and std of the four tower levels
+    # the SynthDrive train scenes the check was fitted on are in its domain
+    fitted = [sd.sample(sd.TRAIN_SEED, i, 64)[0] for i in range(24)]
+    assert all(pipe(fitted, batch_size=8).in_domain)
     scenes = [sd.sample(sd.TEST_SEED, i, 64)[0] for i in range(6)]
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     flat = Image.new("RGB", (64, 64), (40, 160, 40))
-    out = pipe([*scenes, noise, flat, b"junk"], threshold=0.5, batch_size=4)
+    wide = sd.sample(sd.TEST_SEED, 9, 64)[0].resize((64, 40))  # padded in a batch of squares
+    out = pipe([*scenes, noise, flat, b"junk", wide], threshold=0.5, batch_size=5)
     assert all(0 < s <= 1 for s in out.domain_score[:8]) and math.isnan(out.domain_score[8])
     assert out.in_domain[8] is None and out.errors[8] is not None
+    # the same scores as the features computed by hand, each image alone (no padding), from forward_intermediates
+    tensors = [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255
+               for im in [*scenes, noise, flat, wide]]
+    with torch.inference_mode():
+        direct = direct_level_stats(pipe.model, [t.to(pipe.dtype) for t in tensors])
+    ok, scores = check.score(direct)
+    np.testing.assert_allclose(out.domain_score[:8] + out.domain_score[9:], scores, atol=1e-6)
+    assert out.in_domain[:8] + out.in_domain[9:] == ok
     ok, scores = pipe.check_domain(torch.stack([pipe.transform(im) for im in [*scenes, noise, flat]]))
     np.testing.assert_allclose(out.domain_score[:8], scores, atol=1e-6)
     assert out.in_domain[:8] == ok
     assert sum(out.in_domain[:6]) >= 5
+
+
+def test_domain_scores_hold_when_threads_share_a_pipeline(checked) -> None:
+    """The levels come back from the model's pass itself (no hooks, no state on shared modules): two threads
+    calling one pipeline with differently padded batches get what each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = DetectionPipeline.from_pretrained(checked)
+    square = [sd.sample(sd.TEST_SEED, i, 64)[0] for i in range(4)]
+    wide = [im.resize((64, 36)) for im in square]
+    alone = [pipe(square, batch_size=2).domain_score, pipe(wide, batch_size=2).domain_score]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda ims: pipe(ims, batch_size=2).domain_score, [square, wide]))
+            np.testing.assert_allclose(together, alone, atol=1e-6)
 
 
 def test_cli_reports_a_real_domain_score(checked, tmp_path, capsys) -> None:

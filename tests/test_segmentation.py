@@ -180,26 +180,58 @@ def test_pipeline_maps_shares_and_per_item_errors(saved, tmp_path) -> None:
     assert only_bad.class_ids == [None] and only_bad.errors[0] is not None
 
 
-def test_pipeline_uses_a_stored_domain_check(saved, tmp_path) -> None:
+def direct_level_stats(model: InternImageSegmenter, pixels: torch.Tensor) -> torch.Tensor:
+    """The in-domain features written out by hand from the tower's ``forward_intermediates``: the per-channel mean
+    and standard deviation of every level the head reads."""
+    levels = model.backbone.forward_intermediates(pixels, model.indices, intermediates_only=True)
+    cells = [f.float().flatten(2) for f in levels]
+    return torch.cat([c.mean(-1) for c in cells] + [c.std(-1, unbiased=False) for c in cells], dim=1)
+
+
+@pytest.fixture(scope="module")
+def checked(saved, tmp_path_factory):
+    """The tiny segmenter with an in-domain check fitted by ``shusheng train domain-check``."""
     import shutil
 
-    from shusheng.pipelines import DomainCheck
-
-    d = tmp_path / "with_check"
+    d = tmp_path_factory.mktemp("seg-checked") / "final"
     shutil.copytree(saved, d)
-    from shusheng.train.domain import fit_domain_check, pipeline_for
+    assert main(["train", "domain-check", "--model", str(d), "--n-fit", "64", "--n-calibration", "80",
+                 "--alpha", "0.01"]) == 0
+    return d
 
-    assert pipeline_for(d) is SegmentationPipeline  # shusheng train domain-check knows segmenters
-    check = fit_domain_check(SegmentationPipeline.from_pretrained(d), n_fit=8, n_calibration=4, batch_size=4)
-    assert isinstance(check, DomainCheck) and check.info["dim"] == 64
-    check.save(d)
-    pipe = SegmentationPipeline.from_pretrained(d)
-    img = sample(0, 3, 64)[0]
-    out = pipe([img])
-    assert 0.0 < out.domain_score[0] <= 1.0 and isinstance(out.in_domain[0], bool)
-    pixels = next(pipe.batches([img], 1)).pixels
-    assert pipe.domain_features(pixels).shape == (1, 64)
-    assert out.domain_score == pipe.domain_check.score(pipe.domain_features(pixels))[1]
+
+def test_pipeline_domain_check_reads_the_tower_levels_of_its_own_pass(checked) -> None:
+    """``shusheng train domain-check`` fits a segmenter's check on the level statistics a detector's uses (one
+    implementation); the pipeline scores each image from the level maps of its segmentation pass: the same as the
+    features computed by hand from ``forward_intermediates``, and the fitted SynthDrive scenes are in-domain."""
+    from shusheng.data import TRAIN_SEED
+    from shusheng.detection.domain import LevelStatsDomain
+    from shusheng.detection.pipelines import DetectionPipeline
+    from shusheng.train.domain import pipeline_for
+
+    assert pipeline_for(checked) is SegmentationPipeline  # shusheng train domain-check knows segmenters
+    assert SegmentationPipeline.domain_features is DetectionPipeline.domain_features is LevelStatsDomain.domain_features
+    pipe = SegmentationPipeline.from_pretrained(checked)
+    check = pipe.domain_check
+    assert check is not None and check.info["features"] == "SegmentationPipeline.domain_features"
+    assert check.info["dim"] == 2 * (8 + 16 + 32 + 64) and pipe.model.level_strides == [4, 8, 16, 32]
+    assert "64 px" in check.info["data"]  # fitted at the model's image_size
+    # the SynthDrive train scenes the check was fitted on are in its domain
+    assert all(pipe([sample(TRAIN_SEED, i, 64)[0] for i in range(24)], batch_size=8).in_domain)
+
+    rng = np.random.default_rng(0)
+    images = [sample(0, 3, 64)[0], sample(0, 5, 64)[0].resize((96, 40)),
+              Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)), Image.new("RGB", (64, 64), "green")]
+    out = pipe(images, batch_size=3)
+    assert all(0.0 < s <= 1.0 for s in out.domain_score) and all(isinstance(v, bool) for v in out.in_domain)
+    pixels = torch.stack([pipe.transform(im) for im in images])
+    with torch.inference_mode():
+        direct = direct_level_stats(pipe.model, pixels)
+        torch.testing.assert_close(pipe.domain_features(pixels), direct)
+    ok, scores = check.score(direct)
+    np.testing.assert_allclose(out.domain_score, scores, atol=1e-6)
+    assert out.in_domain == ok
+    assert pipe.check_domain(pixels) == (ok, scores)
 
 
 def test_cli_segment_writes_class_and_overlay_pngs(saved, tmp_path, capsys) -> None:

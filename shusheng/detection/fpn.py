@@ -3,6 +3,7 @@
     >>> from shusheng.backbone import create_backbone
     >>> fpn = BackboneFPN(create_backbone("internimage_t"), out_channels=256)
     >>> maps = fpn(images)          # OrderedDict "0".."3" (strides 4, 8, 16, 32) and "pool" (stride 64)
+    >>> levels = fpn.levels(images); maps = fpn.pyramid(levels)    # the same, with the tower levels in hand
 
 The output is what torchvision's detection models expect of a backbone: an ``OrderedDict`` of NCHW maps with
 ``out_channels`` channels each, ``out_channels`` set as an attribute.
@@ -65,6 +66,13 @@ class BackboneFPN(nn.Module):
         self.out_channels = int(out_channels)
         self.names = [str(k) for k in range(len(indices))] + ["pool"]
 
+    def levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The tower level maps the pyramid reads: ``[(B, C_l, H / s_l, W / s_l), ...]``, strides ``strides[:-1]``."""
+        return self.backbone.forward_intermediates(x, self.indices, intermediates_only=True)
+
+    def pyramid(self, levels: Sequence[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """The pyramid maps of the tower levels :meth:`levels` gives."""
+        return self.fpn(OrderedDict((str(k), f) for k, f in enumerate(levels)))
+
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        feats = self.backbone.forward_intermediates(x, self.indices, intermediates_only=True)
-        return self.fpn(OrderedDict((str(k), f) for k, f in enumerate(feats)))
+        return self.pyramid(self.levels(x))

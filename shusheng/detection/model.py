@@ -4,18 +4,22 @@
     >>> model = InternImageDetector(DetectorConfig(backbone="internimage_t", head="maskrcnn"))   # random init
     >>> losses = model(images, targets)             # train mode: {"loss_classifier": ..., ...}
     >>> model.eval(); found = model(images)          # [{"boxes", "labels", "scores"(, "masks")}, ...]
+    >>> found, levels, sizes = model(images, return_levels=True)   # + the tower levels of the same pass
     >>> model.save_pretrained("out/det"); InternImageDetector.from_pretrained("out/det")
 
 ``forward`` is torchvision's: ``images`` is a list of ``(3, H, W)`` float tensors in [0, 1], each at its own size;
 the model normalises them with the backbone's mean/std, resizes them keeping the aspect ratio (shorter side
 ``min_size``, longer side at most ``max_size``) and reports boxes ``[x0, y0, x1, y1]`` (and masks) in the pixels
-of each input tensor. Labels are ``1..num_classes`` (0 is the background); ``config.labels[k - 1]`` names
+of each input tensor. ``return_levels=True`` (inference only) also hands back the tower level maps the pyramid read
+and the ``(height, width)`` of each image inside the padded batch, as the in-domain check reads them
+(``shusheng.detection.domain``). Labels are ``1..num_classes`` (0 is the background); ``config.labels[k - 1]`` names
 label ``k``. Nothing is downloaded: heads are randomly initialised and the tower comes from
 ``create_backbone`` (its own local weights, if asked for).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -160,6 +164,16 @@ class InternImageDetector(PretrainedMixin, nn.Module):
     def labels(self) -> list[str]:
         return self.config.labels
 
+    @property
+    def level_strides(self) -> list[int]:
+        """Stride of each tower level the pyramid reads (:meth:`forward_features`)."""
+        return self.fpn.strides[:-1]
+
+    def forward_features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The tower level maps the pyramid reads, ``[(B, C_l, H / s_l, W / s_l), ...]``, of a batch of images
+        already normalised and resized (as the detector's transform would)."""
+        return self.fpn.levels(pixels)
+
     def label_name(self, label: int) -> str:
         """Name of torchvision label ``label`` (1-based)."""
         return self.config.labels[int(label) - 1]
@@ -169,8 +183,21 @@ class InternImageDetector(PretrainedMixin, nn.Module):
         return Preprocess(size=self.config.min_size, resize="shorter_crop", interpolation="bilinear",
                           mean=self._mean, std=self._std)
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
-        """torchvision's: losses (train mode, ``targets`` needed) or per-image detections (eval mode)."""
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
+                return_levels: bool = False):
+        """torchvision's: losses (train mode, ``targets`` needed) or per-image detections (eval mode).
+
+        With ``return_levels`` (eval mode, no targets): ``(detections, levels, image_sizes)``, the same detections
+        with the tower level maps the pyramid read (:meth:`forward_features` of the padded batch) and the
+        ``(height, width)`` of each resized image inside that batch, from one pass.
+        """
+        if return_levels:
+            if self.training or targets is not None:
+                raise ValueError("return_levels is for inference: eval mode, without targets")
+            found, levels, sizes = self._inference(images)
+            if self.config.head == "fcos":
+                found = [{**r, "labels": r["labels"] + 1} for r in found]
+            return found, levels, sizes
         if self.config.head != "fcos":
             return self.detector(images, targets)
         # FCOS scores classes with sigmoids and has no background class: its classes 0..K-1 are labels 1..K
@@ -180,6 +207,29 @@ class InternImageDetector(PretrainedMixin, nn.Module):
         if isinstance(out, list):
             out = [{**r, "labels": r["labels"] + 1} for r in out]
         return out
+
+    def _inference(self, images: list[torch.Tensor]
+                   ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], list[tuple[int, int]]]:
+        """torchvision's eval-mode ``forward`` of the two heads (``GeneralizedRCNN``, ``FCOS``), step by step, so
+        the tower levels under the pyramid can be handed back (FCOS labels still 0-based).
+        ``tests/test_detection_pipeline.py`` checks it gives what ``self.detector(images)`` gives."""
+        d = self.detector
+        original = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, _ = d.transform(images)
+        levels = self.fpn.levels(batch.tensors)
+        features: OrderedDict[str, torch.Tensor] = self.fpn.pyramid(levels)
+        if self.config.head == "fcos":
+            maps = list(features.values())
+            head = d.head(maps)
+            anchors = d.anchor_generator(batch, maps)
+            per_level = [x.size(2) * x.size(3) for x in maps]
+            split = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+            found = d.postprocess_detections(split, [list(a.split(per_level)) for a in anchors], batch.image_sizes)
+        else:
+            proposals, _ = d.rpn(batch, features)
+            found, _ = d.roi_heads(features, proposals, batch.image_sizes)
+        found = d.transform.postprocess(found, batch.image_sizes, original)
+        return found, levels, [(int(h), int(w)) for h, w in batch.image_sizes]
 
 
 def _build_head(c: DetectorConfig, fpn: BackboneFPN, mean: list[float], std: list[float]) -> nn.Module:

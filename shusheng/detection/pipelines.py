@@ -17,11 +17,13 @@ orientation applied): ``box`` is ``[x, y, w, h]`` in its pixels; ``mask`` is a C
 size, or None for a head without masks (FCOS). An image that cannot be loaded gets ``None`` and its reason in
 ``errors`` (``on_error="raise"`` raises instead).
 
-In-domain check: a detector folder may hold a ``domain_check.safetensors`` (``shusheng train domain-check --model
-DIR``), fitted on :meth:`DetectionPipeline.domain_features`: the per-channel mean and standard deviation of every
-tower level the pyramid reads. ``__call__`` reads the same statistics from its own detection pass (over each
-image's cells, without the batch padding), so the check costs no second tower pass. Without one, every item is
-``in_domain`` with a NaN ``domain_score``.
+In-domain check: a detector or segmenter folder may hold a ``domain_check.safetensors`` (``shusheng train
+domain-check --model DIR``), fitted on the pipeline's ``domain_features``: the per-channel mean and standard
+deviation of every tower level the head reads (:mod:`shusheng.detection.domain`, one implementation for both).
+``__call__`` computes the same statistics from the level maps the model hands back from its own pass
+(``InternImageDetector(images, return_levels=True)``, over each image's cells without the batch padding;
+``InternImageSegmenter.segment``), so the check costs no second tower pass and uses no module hooks (a pipeline
+may be called from several threads). Without a check, every item is ``in_domain`` with a NaN ``domain_score``.
 
 ``SegmentationPipeline`` (semantic segmentation, :class:`~shusheng.detection.segment.InternImageSegmenter`) gives
 per image its ``(H, W)`` class-id map at the image's own size and the share of its pixels in each class:
@@ -34,13 +36,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from shusheng.detection.domain import LevelStatsDomain, tower_level_stats
 from shusheng.detection.model import InternImageDetector
 from shusheng.detection.segment import InternImageSegmenter
 from shusheng.pipelines import Pipeline, PipelineOutput, as_image_list
@@ -82,24 +84,6 @@ def detector_input_size(width: int, height: int, min_size: int, max_size: int) -
     return max(1, round(width * s)), max(1, round(height * s))
 
 
-def tower_level_stats(levels: Sequence[torch.Tensor], strides: Sequence[int],
-                      sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-    """The in-domain features of a detector: ``(B, 2 * sum(C_l))``, the per-channel means of every level map
-    ``(B, C_l, h_l, w_l)`` and then their standard deviations, over the cells of each image (``sizes``: the
-    ``(height, width)`` of each image in a zero-padded batch, whose padding is left out; None = whole maps)."""
-    means, stds = [], []
-    for f, stride in zip(levels, strides):
-        f = f.float()
-        if sizes is None:
-            flat = [f.flatten(2)]
-        else:
-            flat = [f[i:i + 1, :, :math.ceil(h / stride), :math.ceil(w / stride)].flatten(2)
-                    for i, (h, w) in enumerate(sizes)]
-        means.append(torch.cat([x.mean(-1) for x in flat]))  # (B, C_l)
-        stds.append(torch.cat([x.std(-1, unbiased=False) for x in flat]))
-    return torch.cat(means + stds, dim=1)
-
-
 def _rle(mask: np.ndarray) -> dict[str, Any]:
     from pycocotools import mask as mask_utils
 
@@ -107,7 +91,7 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-class DetectionPipeline(Pipeline):
+class DetectionPipeline(LevelStatsDomain, Pipeline):
     """Object detection with an :class:`~shusheng.detection.model.InternImageDetector`.
 
     Args:
@@ -146,15 +130,6 @@ class DetectionPipeline(Pipeline):
                     "InternImageDetector.save_pretrained (shusheng detect --model DIR)") from None
         return super().from_pretrained(path, device=device, runtime=runtime, **kwargs)
 
-    def domain_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` in-domain features of a batch of transformed images (the pipeline's ``transform``: the
-        detector's mean/std, shorter side ``min_size``): :func:`tower_level_stats` of the tower levels that the
-        pyramid reads. ``__call__`` computes the same from its own pass."""
-        fpn = self.model.fpn
-        with torch.inference_mode():
-            levels = fpn.backbone.forward_intermediates(pixels, fpn.indices, intermediates_only=True)
-            return tower_level_stats(levels, fpn.strides[:-1])
-
     def _prepare(self, img: Any) -> Any:
         """An image larger than the detector's input, downscaled (antialiased) to the detector's own size."""
         from PIL import Image
@@ -183,31 +158,17 @@ class DetectionPipeline(Pipeline):
         images = as_image_list(images)
         n = len(images)
         out = {"detections": [None] * n, "sizes": [None] * n, "input_sizes": [None] * n, **self._empty(n)}
-        seen: dict[str, Any] = {}  # what the detector's own pass shows the in-domain check
-        hooks = []
-        if self.domain_check is not None:
-            hooks = [self.model.detector.transform.register_forward_hook(
-                         lambda module, args, result: seen.__setitem__("sizes", result[0].image_sizes)),
-                     self.model.fpn.fpn.register_forward_pre_hook(
-                         lambda module, args: seen.__setitem__("levels", list(args[0].values())))]
-        try:
-            with torch.inference_mode():
-                for batch in self.batches(images, batch_size, on_error, own_size=True, prepare=self._prepare):
-                    if not batch.images:  # every image of this stretch failed
-                        self._fill(out, batch, [], [])
-                        continue
-                    results = self.model(batch.images)
-                    for i, img, size, res in zip(batch.index, batch.images, batch.sizes, results):
-                        given = (int(img.shape[2]), int(img.shape[1]))
-                        out["sizes"][i], out["input_sizes"][i] = (int(size[0]), int(size[1])), given
-                        out["detections"][i] = self._convert(res, threshold, given, out["sizes"][i])
-                    feats = None
-                    if self.domain_check is not None:
-                        feats = tower_level_stats(seen["levels"], self.model.fpn.strides[:-1], seen["sizes"])
-                    self._fill(out, batch, *self.score_features(feats, len(batch.index)))
-        finally:
-            for h in hooks:
-                h.remove()
+        with torch.inference_mode():
+            for batch in self.batches(images, batch_size, on_error, own_size=True, prepare=self._prepare):
+                if not batch.images:  # every image of this stretch failed
+                    self._fill(out, batch, [], [])
+                    continue
+                results, levels, padded_sizes = self.model(batch.images, return_levels=True)
+                for i, img, size, res in zip(batch.index, batch.images, batch.sizes, results):
+                    given = (int(img.shape[2]), int(img.shape[1]))
+                    out["sizes"][i], out["input_sizes"][i] = (int(size[0]), int(size[1])), given
+                    out["detections"][i] = self._convert(res, threshold, given, out["sizes"][i])
+                self._fill(out, batch, *self.score_levels(levels, len(batch.index), padded_sizes))
         return DetectionOutput(**out)
 
     def _convert(self, res: dict[str, torch.Tensor], threshold: float, given: tuple[int, int],
@@ -288,14 +249,15 @@ class SegmentationOutput(PipelineOutput):
     labels: list[str]
 
 
-class SegmentationPipeline(Pipeline):
+class SegmentationPipeline(LevelStatsDomain, Pipeline):
     """Semantic segmentation with an :class:`~shusheng.detection.segment.InternImageSegmenter`.
 
     Images are loaded through ``shusheng.data.load_image``, resized to the model's square ``image_size`` and
     normalised (``resolve_transform``, from the preprocessing stored with the weights); the logits are resized
-    back to each image's own size before the argmax. The in-domain check is the one stored with the weights
-    (pooled last-level tower features); without one, every item is ``in_domain`` with a NaN ``domain_score``, as
-    for detectors.
+    back to each image's own size before the argmax. The in-domain check is the one stored with the weights, over
+    the same features as a detector's (the per-channel mean and standard deviation of every tower level the head
+    reads, taken from the segmentation pass itself); without one, every item is ``in_domain`` with a NaN
+    ``domain_score``.
 
     Args:
         model: the segmenter.
@@ -310,15 +272,6 @@ class SegmentationPipeline(Pipeline):
         if runtime != "torch":
             raise ValueError(f"SegmentationPipeline runs on runtime='torch' only for now, got {runtime!r}")
         super().__init__(model, domain_check, runtime)
-
-    @staticmethod
-    def _pooled(feats: list[torch.Tensor]) -> torch.Tensor:
-        return feats[-1].float().mean((2, 3))  # (B, C_last)
-
-    def domain_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, C)``: the tower's last level map, average-pooled."""
-        with torch.inference_mode():
-            return self._pooled(self.model.forward_features(pixels))
 
     def __call__(self, images: Any, batch_size: int = 4, on_error: str = "item") -> SegmentationOutput:
         """Segment images.
@@ -346,7 +299,5 @@ class SegmentationPipeline(Pipeline):
                     out["class_ids"][i] = m
                     out["shares"][i] = self.model.class_shares(m, labels)
                     out["sizes"][i] = (int(size[0]), int(size[1]))
-                in_domain, scores = self.score_features(self._pooled(feats) if self.domain_check else None,
-                                                        len(batch.index))
-                self._fill(out, batch, in_domain, scores)
+                self._fill(out, batch, *self.score_levels(feats, len(batch.index)))
         return SegmentationOutput(**out, labels=labels)

@@ -219,8 +219,9 @@ class FCNHead(nn.Module):
         return self.classifier(self.dropout(self.conv(x)))
 
 
-def _tower_levels(tower: nn.Module, indices: Sequence[int] | None) -> tuple[list[int], list[int]]:
-    """``(indices, channels)`` of the levels read from a tower with ``forward_intermediates`` + ``feature_info``."""
+def _tower_levels(tower: nn.Module, indices: Sequence[int] | None) -> tuple[list[int], list[int], list[int]]:
+    """``(indices, channels, strides)`` of the levels read from a tower with ``forward_intermediates`` +
+    ``feature_info``."""
     info = getattr(tower, "feature_info", None)
     if not callable(getattr(tower, "forward_intermediates", None)) or info is None:
         raise TypeError(f"{type(tower).__name__} has no forward_intermediates()/feature_info: a segmenter needs a "
@@ -231,7 +232,7 @@ def _tower_levels(tower: nn.Module, indices: Sequence[int] | None) -> tuple[list
     if not indices or sorted(set(indices)) != indices:
         raise ValueError(f"backbone_indices must be distinct increasing levels of the {n} the tower has, got "
                          f"{indices}")
-    return indices, [int(info[i]["num_chs"]) for i in indices]
+    return indices, [int(info[i]["num_chs"]) for i in indices], [int(info[i]["reduction"]) for i in indices]
 
 
 def _tower_preprocess(tower: nn.Module) -> Preprocess:
@@ -275,6 +276,7 @@ class InternImageSegmenter(PretrainedMixin, nn.Module):
 
     Attributes:
         backbone: the tower (its classifier head pruned).
+        indices, level_strides: the tower levels the heads read (:meth:`forward_features`) and their strides.
         decode_head: the :class:`UperHead`.
         aux_head: the :class:`FCNHead` on the second-to-last level read, or None (``aux_weight == 0``).
     """
@@ -288,7 +290,7 @@ class InternImageSegmenter(PretrainedMixin, nn.Module):
         tower = create_backbone(c.backbone, **c.backbone_args)
         pre = _tower_preprocess(tower)
         self._mean, self._std, self._interpolation = pre.mean, pre.std, pre.interpolation
-        self.indices, in_channels = _tower_levels(tower, c.backbone_indices)
+        self.indices, in_channels, self.level_strides = _tower_levels(tower, c.backbone_indices)
         if hasattr(tower, "prune_intermediate_layers"):
             tower.prune_intermediate_layers(self.indices, prune_head=True)
         self.backbone = tower
@@ -348,7 +350,8 @@ class InternImageSegmenter(PretrainedMixin, nn.Module):
             sizes: ``(W, H)`` of each original image (default: the input size): the logits are resized to it.
 
         Returns:
-            ``(class_ids, features)``: ``(H, W)`` int64 class ids per image, and the tower's level maps.
+            ``(class_ids, features)``: ``(H, W)`` int64 class ids per image, and the tower's level maps
+            (:meth:`forward_features` of ``pixels``, from the same pass; the pipeline's in-domain check reads them).
         """
         with torch.no_grad():
             feats = self.forward_features(pixels)

@@ -7,10 +7,13 @@ measures it: ``python bench/domain_check.py``). It writes ``domain_check.safeten
     shusheng train domain-check --model shusheng/weights/shusheng-mini-uniperceiver
     shusheng train domain-check --model runs/miniclip/final --n-fit 4000 --n-calibration 1000
     shusheng train domain-check --model shusheng/weights/shusheng-mini-det     # a detector: its tower's levels
+    shusheng train domain-check --model shusheng/weights/shusheng-mini-seg     # a segmenter: the same features
 
-For a detector (``DetectionPipeline.domain_features``) the features are the per-channel mean and standard
-deviation of every tower level the pyramid reads, at the detector's ``min_size`` (a tower pass only: a few
-minutes for the default 5,000 scenes at 256 px on a 2-core CPU, rendering included).
+For a detector or a segmenter (``DetectionPipeline.domain_features``, ``SegmentationPipeline.domain_features``:
+one implementation, :mod:`shusheng.detection.domain`) the features are the per-channel mean and standard
+deviation of every tower level the head reads, at the model's input size (a detector's ``min_size``, a
+segmenter's ``image_size``). Fitting runs the tower only: a few minutes for the default 5,000 scenes at 256 px on
+a 2-core CPU, rendering included.
 """
 
 from __future__ import annotations
