@@ -151,6 +151,44 @@ def onestage_rows(results: dict[str, dict]) -> tuple[dict, list[dict]]:
                          values["onestage_box_AP_ratio"], "x", 0)]
 
 
+def figure(path: str, detectors: list[str], segmenter: str | None, scenes, n: int = 4, scale: int = 1) -> None:
+    """A picture for the docs: the first ``n`` scenes (rows), as rendered, then each detector's detections
+    (threshold 0.5, instance masks blended) and the segmenter's class map over the scene (columns), ``scale`` x."""
+    from PIL import Image, ImageDraw
+
+    from shusheng.detection import DetectionPipeline, InternImageSegmenter
+    from shusheng.detection.segment import overlay
+    from shusheng.detection.visualize import draw_detections
+
+    n = min(n, len(scenes))
+    rows = [[Image.fromarray(s.image) for s in scenes[:n]]]
+    titles = ["scene"]
+    for folder in detectors:
+        pipe = DetectionPipeline.from_pretrained(folder)
+        found = pipe(rows[0], threshold=0.5).detections
+        rows.append([draw_detections(im, d) for im, d in zip(rows[0], found)])
+        titles.append(f"{Path(folder).name} ({pipe.model.config.head})")
+    if segmenter:
+        model = InternImageSegmenter.from_pretrained(segmenter).float().eval()
+        ids = model.predict([s.image for s in scenes[:n]])
+        rows.append([Image.fromarray(overlay(s.image, i, 0.6)) for s, i in zip(scenes[:n], ids)])
+        titles.append(f"{Path(segmenter).name} (UperNet)")
+    side = scenes[0].image.shape[0] * scale
+    pad, head = 4, 18
+    grid = Image.new("RGB", (len(rows) * (side + pad) + pad, head + n * (side + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, (title, col) in enumerate(zip(titles, rows)):
+        draw.text((pad + c * (side + pad), 3), title, fill=(0, 0, 0))
+        for r, im in enumerate(col):
+            grid.paste(im.resize((side, side), Image.Resampling.NEAREST), (pad + c * (side + pad),
+                                                                          head + pad + r * (side + pad)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if path.lower().endswith(".png"):  # 256 colours keep the file small
+        grid = grid.quantize(256, dither=Image.Dither.NONE)
+    grid.save(path, optimize=True)
+
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per latency (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the latencies are for 2)")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--figure", default=None, metavar="PNG",
+                        help="also draw the first test scenes with each model's output (docs/detection_samples.png)")
     args = parser.parse_args(argv)
     for name in ("n", "repeats", "threads"):
         if getattr(args, name) < 1:
@@ -228,6 +268,9 @@ def main(argv=None) -> int:
     print()
     print(per_class_md)
     print(f"\n{meta['seconds']} s; {args.n} SynthDrive test scenes at {SIZE} px, {args.threads} threads")
+    if args.figure:
+        figure(args.figure, detectors, segmenter, scenes)
+        print(f"figure written to {args.figure}")
     return 0
 
 

@@ -43,7 +43,7 @@ def test_bench_writes_every_row_on_tiny_models(tmp_path, monkeypatch, capsys):
     try:
         assert bench.main(["--model", str(tmp_path / "maskrcnn"), "--model", str(tmp_path / "fcos"), "--segmenter",
                            str(tmp_path / "seg"), "--n", "3", "--repeats", "1", "--threads", "1",
-                           "--out", str(tmp_path / "out")]) == 0
+                           "--out", str(tmp_path / "out"), "--figure", str(tmp_path / "fig.png")]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "out" / "detection.json").read_text())
@@ -69,6 +69,10 @@ def test_bench_writes_every_row_on_tiny_models(tmp_path, monkeypatch, capsys):
     md = (tmp_path / "out" / "detection.md").read_text()
     assert md.count("\n") == len(rows) + 2 and "target (issue 18)" in md
     assert "box AP@[.5:.95]" in capsys.readouterr().out
+    from PIL import Image
+
+    fig = Image.open(tmp_path / "fig.png")  # 4 columns (scene, two detectors, segmenter) of the 3 scenes
+    assert fig.size == (4 * (256 + 4) + 4, 18 + 3 * (256 + 4) + 4)
 
 
 def test_bench_without_models_names_the_training_command(monkeypatch, capsys, tmp_path):
