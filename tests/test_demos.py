@@ -1,6 +1,8 @@
 """The scripts in ``demos/`` run as a user runs them (``python demos/x.py ...``, a subprocess) with the bundled
-models, on a few SynthDrive scenes rendered here. The assertions check what each demo is for (the right hit first,
-one JSON line per file in order, answers of the asked kind, boxes inside the image) without leaning on the exact
+models, on a few SynthDrive scenes rendered here; chat and segmentation, whose models are not bundled yet, run on
+tiny random ones saved here, and generation on the bundled model with two steps. The assertions check what each
+demo is for (the right hit first, one JSON line per file in order, answers of the asked kind, boxes inside the
+image, the pipeline's own answers and class maps, PNGs that carry their seeds) without leaning on the exact
 quality of the models; a missing or unusable input must end with a clear message and a non-zero status."""
 
 from __future__ import annotations
@@ -156,6 +158,12 @@ def test_detect_objects_prints_labelled_boxes_inside_the_image_and_draws_them(sc
     ("ask_image.py", ["{scene}", "-q", "  "], "question is empty"),
     ("detect_objects.py", ["{missing}.png"], "does not exist"),
     ("detect_objects.py", ["{broken}"], "cannot load image"),
+    ("generate_image.py", ["  "], "prompt is empty"),
+    ("generate_image.py", ["a red car", "--model", "{missing}"], "does not exist"),
+    ("chat_image.py", ["{scene}", "-q", "Is it raining?"], "--model is required: no LLM bridge is bundled"),
+    ("chat_image.py", ["{scene}", "--model", "{missing}"], "does not exist"),
+    ("segment_scene.py", ["{missing}.png", "--out", "{empty}"], "does not exist"),
+    ("segment_scene.py", ["{scene}", "--out", "{empty}", "--model", "{missing}"], "does not exist"),
 ])
 def test_demos_fail_clearly_on_bad_input(demo, args, message, scenes, env, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -166,3 +174,96 @@ def test_demos_fail_clearly_on_bad_input(demo, args, message, scenes, env, tmp_p
     proc = run_demo(demo, *[a.format(**paths) for a in args], env=env)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_generate_image_writes_pngs_that_carry_their_seeds_and_prints_one_json_line_each(env, tmp_path):
+    from PIL import Image
+
+    from shusheng.generation import read_parameters
+
+    out = tmp_path / "gen"
+    proc = run_demo("generate_image.py", "a red car on a wet street at night", "--n", 2, "--seed", 7, "--steps", 2,
+                    "--out", out, env=env)  # the bundled shusheng-mini-t2i, two denoising steps
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["seed"] for r in rows] == [7, 8]
+    assert sorted(p.name for p in out.iterdir()) == ["a-red-car-on-a-wet-street-at-night-7.png",
+                                                     "a-red-car-on-a-wet-street-at-night-8.png"]
+    for r in rows:
+        assert r["prompt"] == "a red car on a wet street at night" and r["steps"] == 2 and r["size"] == [64, 64]
+        assert r["model"] == "shusheng-mini-t2i" and r["sampler"] == "ddim" and r["guidance"] > 0
+        params = read_parameters(r["file"])  # what `shusheng generate --from-png` makes the image again from
+        assert (params.prompt, params.seed, params.steps, params.cfg_scale) == (r["prompt"], r["seed"], 2,
+                                                                                 r["guidance"])
+        with Image.open(r["file"]) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory) -> Path:
+    """A saved random bridge over a tiny random Llama (no bridge is bundled)."""
+    from test_bench_llm_bridge import tiny_bridge
+
+    return tiny_bridge(tmp_path_factory.mktemp("bridge"))[0]
+
+
+def test_chat_image_streams_the_pipelines_answer_to_each_turn_of_one_conversation(scenes, env, bridge):
+    from shusheng.llm import ChatPipeline
+
+    image = scenes[0] / "scene_1.png"
+    questions = ["Is it raining?", "And the time of day?"]
+    proc = run_demo("chat_image.py", image, "--model", bridge, "-q", questions[0], "-q", questions[1],
+                    "--max-tokens", 8, env=env)
+    assert proc.returncode == 0, proc.stderr
+    turns = re.findall(r"Q: (.*?)\nA: (.*?)\n(?=Q: |\Z)", proc.stdout, re.S)
+    assert [q for q, _ in turns] == questions, proc.stdout
+    # each answer is the pipeline's own, asked with the earlier turns before it
+    chat, conversation = ChatPipeline.from_pretrained(bridge), []
+    for question, shown in turns:
+        conversation.append({"role": "user", "content": question})
+        answer = chat([[os.fspath(image)]], [conversation], max_new_tokens=8).answers[0]
+        assert shown == answer
+        conversation.append({"role": "assistant", "content": answer})
+    # without -q the questions come from the terminal, one per line: the same chat
+    typed = subprocess.run([sys.executable, os.fspath(DEMOS / "chat_image.py"), os.fspath(image), "--model",
+                            os.fspath(bridge), "--max-tokens", "8"], input="\n".join(questions) + "\n",
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert typed.returncode == 0 and typed.stdout == proc.stdout, typed.stderr
+
+
+def test_segment_scene_writes_class_maps_and_overlays_and_prints_the_shares(scenes, env, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from shusheng.detection import InternImageSegmenter, SegmentationPipeline, SegmenterConfig
+
+    torch.manual_seed(0)  # the bundled shusheng-mini-seg is not trained yet: a tiny random segmenter
+    model = tmp_path / "seg"
+    InternImageSegmenter(SegmenterConfig(backbone="internimage_test", backbone_args={"channels": 8}, channels=16,
+                                         image_size=64)).save_pretrained(model)
+    (tmp_path / "other").mkdir()
+    first, twin, broken = tmp_path / "scene.png", tmp_path / "other" / "scene.png", tmp_path / "broken.png"
+    shutil.copy(scenes[0] / "scene_0.png", first)
+    Image.open(scenes[0] / "scene_4.png").resize((96, 64)).save(twin)  # same stem, another size
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+
+    proc = run_demo("segment_scene.py", first, broken, twin, "--out", out, "--model", model, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr  # the broken file failed
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == [str(first), str(broken), str(twin)]
+    assert "cannot load image" in rows[1]["error"] and "broken.png" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["scene_2_classes.png", "scene_2_overlay.png",
+                                                     "scene_classes.png", "scene_overlay.png"]
+    expected = SegmentationPipeline.from_pretrained(model)([str(first), str(twin)])
+    for r, ids, size in zip((rows[0], rows[2]), expected.class_ids, ((128, 128), (96, 64))):
+        with Image.open(r["classes"]) as c:
+            assert c.mode == "L" and c.size == size and np.array_equal(np.asarray(c), ids)
+        with Image.open(r["overlay"]) as o:
+            assert o.mode == "RGB" and o.size == size
+        counts = np.bincount(ids.reshape(-1), minlength=len(expected.labels)) / ids.size
+        order = np.argsort(-counts, kind="stable")  # largest share first; ties in class order
+        assert r["shares"] == {expected.labels[k]: round(float(counts[k]), 4) for k in order if counts[k] > 0}
+        assert list(r["shares"].values()) == sorted(r["shares"].values(), reverse=True)
+        assert isinstance(r["in_domain"], bool)
