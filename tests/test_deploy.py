@@ -181,6 +181,105 @@ def test_quantized_file_is_judged_by_its_own_tolerance(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# ------------------------------------------------------------------------------------------------ segmenter / detector
+
+SEG_TINY = dict(backbone="internimage_test", backbone_args={"channels": 8}, channels=16, image_size=64)
+DET_TINY = dict(backbone="internimage_test", backbone_args={"channels": 8}, fpn_channels=64, min_size=64,
+                max_size=128)
+
+
+def _saved(tmp_path, model, name):
+    torch.manual_seed(0)
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_segmenter_folder_exports_logits_within_1e4(tmp_path, capsys):
+    from shusheng.detection.segment import InternImageSegmenter
+
+    torch.manual_seed(0)
+    model = InternImageSegmenter(**SEG_TINY).eval()
+    folder = _saved(tmp_path, model, "seg")
+    out = tmp_path / "seg.onnx"
+    assert main(["export", str(folder), "--out", str(out)]) == 0
+    err = float(capsys.readouterr().out.split("max abs error ")[1].split()[0])
+    assert 0 <= err <= 1e-4
+    runner = _onnx_session(out)
+    assert runner.output_names == ["logits"] and runner.metadata["shusheng.kind"] == "segmenter"
+    x = torch.randn(3, 3, 64, 64)  # a batch size the check did not use
+    with torch.inference_mode():
+        ref = model(x)
+    got = runner(x)[0]
+    assert got.shape == (3, model.num_classes, 64, 64) and np.abs(got - ref.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("head", ["fcos", "maskrcnn"])
+def test_detector_dense_part_exports_and_pytorch_finishes_the_detections(head, tmp_path):
+    from shusheng.deploy import export_model, resolve_target
+    from shusheng.detection.model import InternImageDetector
+
+    torch.manual_seed(0)
+    model = InternImageDetector(**DET_TINY, head=head).eval()
+    target = resolve_target(_saved(tmp_path, model, head))
+    assert target.kind == "detector" and target.input_shape == (3, 64, 64)
+    res = export_model(target, tmp_path / f"{head}.onnx")
+    assert res.max_abs_error <= 1e-4
+    runner = _onnx_session(res.path)
+    names = runner.output_names
+    assert names[:4] == ["level_0", "level_1", "level_2", "level_3"]
+    assert names[4:] == (["cls_logits", "bbox_regression", "bbox_ctrness"] if head == "fcos"
+                         else ["fpn_0", "fpn_1", "fpn_2", "fpn_3", "fpn_pool"])
+    assert "detections_from_dense" in runner.metadata["shusheng.pytorch_side"]
+    model = target.module.model  # the detector as loaded from the folder
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
+    with torch.inference_mode():
+        batch, _ = model.detector.transform(images)
+        ours = model.detections_from_dense([torch.from_numpy(o) for o in runner(batch.tensors)],
+                                           batch.tensors.shape, batch.image_sizes)
+        eager = model.detections_from_dense(model.dense_module()(batch.tensors), batch.tensors.shape,
+                                            batch.image_sizes)
+    for a, b in zip(ours, eager):
+        assert len(a["boxes"]) == len(b["boxes"]) > 0
+        assert torch.allclose(a["scores"], b["scores"], atol=1e-4)
+        # near-tied scores (a random model) may swap places: every box has its twin in the other list
+        assert torch.cdist(a["boxes"], b["boxes"], p=float("inf")).min(1).values.max() <= 1e-2
+
+
+def test_new_kinds_failed_check_leaves_no_file_and_bad_canvas_is_refused(tmp_path, capsys):
+    from shusheng.detection.model import InternImageDetector
+    from shusheng.detection.segment import InternImageSegmenter
+
+    seg = _saved(tmp_path, InternImageSegmenter(**SEG_TINY), "seg")
+    det = _saved(tmp_path, InternImageDetector(**DET_TINY, head="fcos"), "det")
+    for folder in (seg, det):
+        out = tmp_path / "out" / f"{folder.name}.onnx"
+        assert main(["export", str(folder), "--out", str(out), "--atol", "1e-12"]) == 1
+        err = capsys.readouterr().err
+        assert "does not match PyTorch" in err and "nothing was written" in err
+        assert not out.exists() and list(out.parent.iterdir()) == []
+    assert main(["export", str(det), "--out", str(tmp_path / "d.onnx"), "--size", "64", "80"]) == 2
+    assert "multiples of 32" in capsys.readouterr().err and not (tmp_path / "d.onnx").exists()
+
+
+def test_segmentation_pipeline_on_onnxruntime_matches_torch(tmp_path):
+    from shusheng.detection.model import InternImageDetector
+    from shusheng.detection.pipelines import DetectionPipeline, SegmentationPipeline
+    from shusheng.detection.segment import InternImageSegmenter
+
+    torch.manual_seed(0)
+    folder = _saved(tmp_path, InternImageSegmenter(**SEG_TINY), "seg")
+    images = _scenes(3)
+    eager = SegmentationPipeline.from_pretrained(folder)(images)
+    pipe = SegmentationPipeline.from_pretrained(folder, runtime="onnxruntime")
+    ort = pipe(images)
+    assert pipe.image_runner.name == "onnxruntime"
+    for a, b in zip(eager.class_ids, ort.class_ids):
+        assert a.shape == b.shape == (128, 128) and (a == b).mean() >= 0.999
+    with pytest.raises(ValueError, match="runtime='torch' only"):
+        DetectionPipeline(InternImageDetector(**DET_TINY), runtime="onnxruntime")  # not yet: see docs/deploy.md
+
+
 # ------------------------------------------------------------------------------------------------ runtimes
 
 def test_runtime_names_are_checked():

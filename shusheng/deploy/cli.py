@@ -5,6 +5,8 @@ Examples::
     shusheng export internimage_t --out internimage_t.onnx                     # random weights, 224 px, dynamic batch
     shusheng export shusheng-mini-clip --format onnx-int8 --out clip.int8.onnx  # static int8, SynthDrive calibration
     shusheng export runs/uniperceiver/final --out decoder-image.onnx --batch 8  # a saved folder, fixed batch
+    shusheng export runs/seg/final --out seg.onnx                              # a segmenter: pixels -> logits
+    shusheng export runs/det/final --out det-dense.onnx                        # a detector's dense part
     shusheng export internimage_b --format tensorrt --fp16 --out ii_b.engine     # needs a GPU and `tensorrt`
 
 The file is compared with PyTorch on SynthDrive scenes and random inputs before it is written; the maximum
@@ -36,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Export a model to ONNX (plugin-free: DCNv3 as standard ops), int8 ONNX or a TensorRT "
                           "engine, checked against PyTorch before the file is written.")
     parser.add_argument("model", help="a registered backbone (internimage_t, internimage_test, ...), a bundled "
-                                      "model (shusheng-mini-clip, shusheng-mini-uniperceiver) or a saved folder")
+                                      "model (shusheng-mini-clip, shusheng-mini-uniperceiver) or a saved folder "
+                                      "(also a segmenter, or a detector: its dense part)")
     parser.add_argument("--format", choices=("onnx", "onnx-int8", "tensorrt"), default="onnx")
     parser.add_argument("--out", required=True, metavar="PATH", help="the file to write")
     parser.add_argument("--batch", type=_batch, default="dynamic", metavar="dynamic|N",

@@ -13,7 +13,15 @@ What is exported (one input, ``pixels``: normalised ``(B, 3, H, W)``; the batch 
   ``features`` the in-domain check reads (:class:`shusheng.miniclip.pipelines.ImageTower`);
 * ``shusheng-mini-uniperceiver`` (or an ``uniperceiver`` folder) → its image side, backbone + image tokenizer:
   ``image_tokens`` and the ``pooled`` backbone features (:class:`shusheng.uniperceiver.pipelines.ImageSide`);
-* a saved ``internimage`` / ``dense-tower-backbone`` folder → its forward / ``forward_features``.
+* a saved ``internimage`` / ``dense-tower-backbone`` folder → its forward / ``forward_features``;
+* a ``segmenter`` folder (:class:`shusheng.detection.segment.InternImageSegmenter`) → its forward: ``logits``
+  ``(B, K, S, S)`` at the input size (argmax and the resize to each image's own size stay in PyTorch);
+* a ``detector`` folder (:class:`shusheng.detection.model.InternImageDetector`) → its dense part
+  (:class:`shusheng.detection.model.DetectorDense`) on a normalised padded batch of fixed size (default
+  ``min_size`` rounded up to a multiple of 32, square; ``size`` sets another, multiples of 32): the tower levels
+  ``level_i``, then the pyramid maps ``fpn_*`` (Mask R-CNN) or the FCOS head's ``cls_logits``,
+  ``bbox_regression``, ``bbox_ctrness``. Resize/normalise/pad, box decoding, NMS (and Mask R-CNN's RPN, RoIAlign,
+  box and mask heads) stay in PyTorch: ``InternImageDetector.detections_from_dense`` on the file's outputs.
 
 Every export is written under a temporary name next to ``out``, run by its runtime on sample inputs (SynthDrive
 test scenes through the model's own preprocessing, plus random inputs; two batch sizes when the batch is
@@ -64,7 +72,8 @@ class ExportTarget:
         input_shape: ``(3, H, W)``.
         output_names: one name per output.
         preprocess: the preprocessing of the weights (``size`` is overridden by ``input_shape``).
-        kind: ``"backbone"``, ``"miniclip"``, ``"uniperceiver"``, ...
+        kind: ``"backbone"``, ``"miniclip"``, ``"uniperceiver"``, ``"segmenter"``, ``"detector"``, ...
+        notes: more ``metadata_props`` (e.g. what stays in PyTorch).
     """
 
     name: str
@@ -73,6 +82,7 @@ class ExportTarget:
     output_names: list[str]
     preprocess: Preprocess
     kind: str
+    notes: dict[str, str] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, str]:
         """What travels inside the exported file (ONNX ``metadata_props``)."""
@@ -81,7 +91,8 @@ class ExportTarget:
         return {"shusheng.model": self.name, "shusheng.kind": self.kind,
                 "shusheng.input": f"pixels: float32 (B, {', '.join(map(str, self.input_shape))}), RGB normalised",
                 "shusheng.outputs": ", ".join(self.output_names),
-                "shusheng.preprocess": json.dumps(self.preprocess.to_dict()), "shusheng.version": __version__}
+                "shusheng.preprocess": json.dumps(self.preprocess.to_dict()), "shusheng.version": __version__,
+                **self.notes}
 
 
 class _Forward(nn.Module):
@@ -97,7 +108,13 @@ class _Forward(nn.Module):
 
 def _from_model(name: str, model: nn.Module, kind: str, size: tuple[int, int] | None) -> ExportTarget:
     model.eval()
-    if kind == "miniclip":
+    notes: dict[str, str] = {}
+    if kind == "detector":
+        return _detector_target(name, model, size)
+    if kind == "segmenter":
+        module, outputs = model, ["logits"]
+        notes["shusheng.pytorch_side"] = "argmax and resize to each image's size (InternImageSegmenter.segment)"
+    elif kind == "miniclip":
         from shusheng.miniclip.pipelines import ImageTower
 
         module, outputs = ImageTower(model), ["embedding", "features"]
@@ -114,7 +131,26 @@ def _from_model(name: str, model: nn.Module, kind: str, size: tuple[int, int] | 
     else:
         pre = Preprocess.from_timm(model.pretrained_cfg)
     h, w = size if size is not None else (pre.size, pre.size)
-    return ExportTarget(name, module.eval(), (3, int(h), int(w)), outputs, pre, kind)
+    return ExportTarget(name, module.eval(), (3, int(h), int(w)), outputs, pre, kind, notes)
+
+
+def _detector_target(name: str, model: nn.Module, size: tuple[int, int] | None) -> ExportTarget:
+    """The dense part of a detector on a fixed padded canvas (torchvision pads batches to multiples of 32)."""
+    div = int(model.detector.transform.size_divisible)
+    side = -(-int(model.config.min_size) // div) * div
+    h, w = size if size is not None else (side, side)
+    if h % div or w % div:
+        raise ValueError(f"a detector's dense part takes a padded batch whose sides are multiples of {div} (as its "
+                         f"transform pads them), got --size {h} {w}")
+    module = model.dense_module().eval()
+    notes = {"shusheng.input_note": f"a batch as the detector's transform makes it: resized (shorter side "
+                                    f"{model.config.min_size}, longer at most {model.config.max_size}), normalised, "
+                                    f"zero-padded to {h}x{w}",
+             "shusheng.pytorch_side": "box decoding and NMS" + ("" if model.config.head == "fcos" else
+                                       ", RPN, RoIAlign, box and mask heads")
+                                      + ": InternImageDetector.detections_from_dense"}
+    return ExportTarget(name, module, (3, int(h), int(w)), module.output_names, model.preprocess_config(),
+                        "detector", notes)
 
 
 def resolve_target(model: str | os.PathLike, size: tuple[int, int] | None = None) -> ExportTarget:
@@ -139,10 +175,12 @@ def resolve_target(model: str | os.PathLike, size: tuple[int, int] | None = None
     if path.is_dir():
         # the families shusheng export knows; model_class_for reads older folder layouts too
         from shusheng.backbone import DenseTowerBackbone, InternImage
+        from shusheng.detection.model import InternImageDetector
+        from shusheng.detection.segment import InternImageSegmenter
         from shusheng.miniclip import MiniClip
         from shusheng.uniperceiver.model import UniPerceiver
 
-        known = (MiniClip, UniPerceiver, InternImage, DenseTowerBackbone)
+        known = (MiniClip, UniPerceiver, InternImage, DenseTowerBackbone, InternImageSegmenter, InternImageDetector)
         try:
             cls = model_class_for(path)
         except ValueError as e:

@@ -20,7 +20,7 @@ label ``k``. Nothing is downloaded: heads are randomly initialised and the tower
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from shusheng.backbone import create_backbone
 from shusheng.detection.fpn import BackboneFPN
 from shusheng.modeling import Preprocess, PretrainedMixin
 
-__all__ = ["HEADS", "DetectorConfig", "InternImageDetector"]
+__all__ = ["HEADS", "DetectorConfig", "DetectorDense", "InternImageDetector"]
 
 HEADS = ("maskrcnn", "fcos")
 
@@ -208,28 +208,90 @@ class InternImageDetector(PretrainedMixin, nn.Module):
             out = [{**r, "labels": r["labels"] + 1} for r in out]
         return out
 
+    def dense_module(self) -> DetectorDense:
+        """The dense part as a module ``pixels -> tuple of maps`` (what ``shusheng export`` writes for a
+        detector; see :class:`DetectorDense`)."""
+        return DetectorDense(self)
+
+    def detections_from_dense(self, outputs: Sequence[torch.Tensor], pixels_shape: Sequence[int],
+                              image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """What stays in PyTorch after :class:`DetectorDense`: box decoding, NMS (and for Mask R-CNN the RPN,
+        RoIAlign, box and mask heads), in the pixels of the padded batch (FCOS labels 0-based; not yet mapped to
+        the images' own sizes, see ``detector.transform.postprocess``).
+
+        Args:
+            outputs: :class:`DetectorDense`'s outputs (from PyTorch or from an exported file).
+            pixels_shape: shape of the padded batch ``(B, 3, H, W)``.
+            image_sizes: ``(height, width)`` of each resized image inside the batch.
+        """
+        from torchvision.models.detection.image_list import ImageList
+
+        d = self.detector
+        n = len(self.fpn.indices)
+        levels, rest = list(outputs[:n]), list(outputs[n:])
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        shape = tuple(int(v) for v in pixels_shape)
+        # the anchor generators read only the shapes of the batch and of the maps
+        batch = ImageList(levels[0].new_empty((shape[0], 0, *shape[2:])), sizes)
+        if self.config.head == "fcos":
+            head = dict(zip(DetectorDense.FCOS_OUTPUTS, rest))
+            last = levels[-1].shape[-2:]  # the max-pooled level halves the last one (kernel 1, stride 2)
+            hw = [tuple(f.shape[-2:]) for f in levels] + [((last[0] + 1) // 2, (last[1] + 1) // 2)]
+            maps = [levels[0].new_empty((shape[0], 0, h, w)) for h, w in hw]
+            anchors = d.anchor_generator(batch, maps)
+            per_level = [h * w for h, w in hw]
+            split = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+            return d.postprocess_detections(split, [list(a.split(per_level)) for a in anchors], sizes)
+        features = OrderedDict(zip(self.fpn.names, rest))
+        proposals, _ = d.rpn(batch, features)
+        found, _ = d.roi_heads(features, proposals, sizes)
+        return found
+
     def _inference(self, images: list[torch.Tensor]
                    ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], list[tuple[int, int]]]:
         """torchvision's eval-mode ``forward`` of the two heads (``GeneralizedRCNN``, ``FCOS``), step by step, so
-        the tower levels under the pyramid can be handed back (FCOS labels still 0-based).
+        the tower levels under the pyramid can be handed back (FCOS labels still 0-based): the dense part
+        (:class:`DetectorDense`), then :meth:`detections_from_dense`.
         ``tests/test_detection_pipeline.py`` checks it gives what ``self.detector(images)`` gives."""
         d = self.detector
         original = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, _ = d.transform(images)
-        levels = self.fpn.levels(batch.tensors)
-        features: OrderedDict[str, torch.Tensor] = self.fpn.pyramid(levels)
-        if self.config.head == "fcos":
-            maps = list(features.values())
-            head = d.head(maps)
-            anchors = d.anchor_generator(batch, maps)
-            per_level = [x.size(2) * x.size(3) for x in maps]
-            split = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
-            found = d.postprocess_detections(split, [list(a.split(per_level)) for a in anchors], batch.image_sizes)
-        else:
-            proposals, _ = d.rpn(batch, features)
-            found, _ = d.roi_heads(features, proposals, batch.image_sizes)
+        dense = self.dense_module()(batch.tensors)
+        found = self.detections_from_dense(dense, batch.tensors.shape, batch.image_sizes)
         found = d.transform.postprocess(found, batch.image_sizes, original)
-        return found, levels, [(int(h), int(w)) for h, w in batch.image_sizes]
+        return found, list(dense[:len(self.fpn.indices)]), [(int(h), int(w)) for h, w in batch.image_sizes]
+
+
+class DetectorDense(nn.Module):
+    """The dense part of an :class:`InternImageDetector`: ``pixels (B, 3, H, W)``, a normalised batch padded as
+    torchvision's transform pads it (sides multiples of 32), to ``(level_0, ..., fpn_0, ..., fpn_pool)`` (Mask
+    R-CNN: the tower levels, then the pyramid maps) or ``(level_0, ..., cls_logits, bbox_regression,
+    bbox_ctrness)`` (FCOS: the tower levels, then the head's outputs over all pyramid cells). The rest
+    (:meth:`InternImageDetector.detections_from_dense`) stays in PyTorch. It holds the detector without
+    registering it anywhere else (a view, not a copy)."""
+
+    FCOS_OUTPUTS = ("cls_logits", "bbox_regression", "bbox_ctrness")
+
+    def __init__(self, model: InternImageDetector):
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_names(self) -> list[str]:
+        fpn = self.model.fpn
+        levels = [f"level_{i}" for i in range(len(fpn.indices))]
+        if self.model.config.head == "fcos":
+            return levels + list(self.FCOS_OUTPUTS)
+        return levels + [f"fpn_{n}" for n in fpn.names]
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fpn = self.model.fpn
+        levels = fpn.levels(pixels)
+        maps = list(fpn.pyramid(levels).values())
+        if self.model.config.head == "fcos":
+            head = self.model.detector.head(maps)
+            return (*levels, *(head[k] for k in self.FCOS_OUTPUTS))
+        return (*levels, *maps)
 
 
 def _build_head(c: DetectorConfig, fpn: BackboneFPN, mean: list[float], std: list[float]) -> nn.Module:

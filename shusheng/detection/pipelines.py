@@ -262,16 +262,18 @@ class SegmentationPipeline(LevelStatsDomain, Pipeline):
     Args:
         model: the segmenter.
         domain_check: a :class:`~shusheng.pipelines.DomainCheck` over :meth:`domain_features`, or None.
-        runtime: only ``"torch"`` for now.
+        runtime: what runs :meth:`image_module` (the tower and the UperNet head, up to the stride-4 logits):
+            ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"``; the resize and argmax stay in PyTorch.
     """
 
     model_class = InternImageSegmenter
     bundled_model = "shusheng-mini-seg"
 
-    def __init__(self, model: InternImageSegmenter, domain_check: Any = None, runtime: str = "torch"):
-        if runtime != "torch":
-            raise ValueError(f"SegmentationPipeline runs on runtime='torch' only for now, got {runtime!r}")
-        super().__init__(model, domain_check, runtime)
+    def image_module(self) -> torch.nn.Module:
+        """``pixels -> (logits at stride 4, tower levels...)`` (:class:`~shusheng.detection.segment.SegmenterImageSide`)."""
+        from shusheng.detection.segment import SegmenterImageSide
+
+        return SegmenterImageSide(self.model)
 
     def __call__(self, images: Any, batch_size: int = 4, on_error: str = "item") -> SegmentationOutput:
         """Segment images.
@@ -294,7 +296,8 @@ class SegmentationPipeline(LevelStatsDomain, Pipeline):
                 if batch.pixels is None:
                     self._fill(out, batch, [], [])
                     continue
-                ids, feats = self.model.segment(batch.pixels, batch.sizes)
+                logits, *feats = self.image_outputs(batch.pixels)
+                ids = self.model.class_maps(logits, batch.sizes)
                 for i, size, m in zip(batch.index, batch.sizes, ids):
                     out["class_ids"][i] = m
                     out["shares"][i] = self.model.class_shares(m, labels)

@@ -32,7 +32,7 @@ from shusheng._config import config_from_any
 from shusheng.backbone import create_backbone
 from shusheng.modeling import Preprocess, PretrainedMixin
 
-__all__ = ["IGNORE_INDEX", "PALETTE", "InternImageSegmenter", "SegmenterConfig", "colorize", "logits_to_ids",
+__all__ = ["IGNORE_INDEX", "PALETTE", "InternImageSegmenter", "SegmenterConfig", "SegmenterImageSide", "colorize", "logits_to_ids",
            "overlay", "palette", "resize_logits"]
 
 #: target value that the loss ignores
@@ -160,13 +160,42 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _pool_matrix(n: int, s: int, like: torch.Tensor) -> torch.Tensor:
+    """``(s, n)``: row ``i`` averages cells ``floor(i n / s) .. ceil((i + 1) n / s) - 1``, the bins of
+    ``adaptive_avg_pool``."""
+    m = torch.zeros(s, n, dtype=like.dtype, device=like.device)
+    for i in range(s):
+        a, b = (i * n) // s, -(-((i + 1) * n) // s)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+class AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(size)``; while exporting to ONNX, the same bins as two matrix products (the ONNX
+    exporter refuses adaptive pools whose output size does not divide the input size, e.g. the PPM's 3 and 6 on a
+    small last level). The input size of an export is fixed, so the matrices are constants of the graph."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return F.adaptive_avg_pool2d(x, self.size)
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        return _pool_matrix(h, self.size, x) @ x @ _pool_matrix(w, self.size, x).T
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.size}"
+
+
 class PPM(nn.Module):
     """Pyramid pooling: the input and its ``scales`` average pools (1x1 conv each, upsampled back), fused by a 3x3
     conv."""
 
     def __init__(self, in_ch: int, channels: int, scales: Sequence[int]):
         super().__init__()
-        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(in_ch, channels))
+        self.pools = nn.ModuleList(nn.Sequential(AdaptiveAvgPool(s), ConvNormAct(in_ch, channels))
                                    for s in scales)
         self.bottleneck = ConvNormAct(in_ch + len(scales) * channels, channels, 3)
 
@@ -354,11 +383,13 @@ class InternImageSegmenter(PretrainedMixin, nn.Module):
             (:meth:`forward_features` of ``pixels``, from the same pass; the pipeline's in-domain check reads them).
         """
         with torch.no_grad():
-            feats = self.forward_features(pixels)
-            logits = self.decode_head(feats).float()  # (B, K, S / 4, S / 4)
-        if sizes is None:
-            sizes = [(pixels.shape[-1], pixels.shape[-2])] * len(pixels)
-        return [logits_to_ids(lg, (int(w), int(h))) for lg, (w, h) in zip(logits, sizes)], feats
+            logits, *feats = SegmenterImageSide(self)(pixels)
+        return self.class_maps(logits, sizes or [(pixels.shape[-1], pixels.shape[-2])] * len(pixels)), feats
+
+    @staticmethod
+    def class_maps(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """``(H, W)`` int64 class ids per image from head logits ``(B, K, h, w)``, resized to ``sizes`` ``(W, H)``."""
+        return [logits_to_ids(lg.float(), (int(w), int(h))) for lg, (w, h) in zip(logits, sizes)]
 
     def predict(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
         """Class ids of images at their own sizes.
@@ -396,3 +427,18 @@ class InternImageSegmenter(PretrainedMixin, nn.Module):
         counts = np.bincount(np.asarray(ids).reshape(-1), minlength=len(labels))[:len(labels)]
         total = max(1, int(np.asarray(ids).size))
         return {name: float(c) / total for name, c in zip(labels, counts)}
+
+
+class SegmenterImageSide(nn.Module):
+    """``pixels -> (logits, level_0, ...)``: the head's logits at the first level's stride ``(B, K, S / 4, S / 4)``
+    and the tower levels it read (the in-domain check's input), from one pass. What
+    ``SegmentationPipeline(runtime=...)`` runs; the resize to each image's size and the argmax stay in PyTorch.
+    It holds the segmenter without registering it anywhere else."""
+
+    def __init__(self, model: InternImageSegmenter):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.model.forward_features(pixels)
+        return (self.model.decode_head(feats), *feats)
