@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=8)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--model", default=None, help="decoder folder (default: the bundled one)")
-    ap.add_argument("--detector", default="auto", help="detector for vehicle evidence: a folder, 'auto' (the "
-                                                       "bundled shusheng-mini-det if installed) or 'none'")
+    ap.add_argument("--detector", default="none", help="detector that counts vehicles: a folder, 'auto' (the "
+                                                       "bundled shusheng-mini-det) or 'none' (default)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     reexec_with_bench_env()

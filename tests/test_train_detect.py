@@ -172,5 +172,11 @@ def test_cli_flags(tmp_path) -> None:
                          "--steps", "5"])
     cfg = td.config_from_args(args)
     assert cfg.head == "fcos" and cfg.backbone_init is None and cfg.backbone_args == {"channels": 8}
+    light = td.config_from_args(p.parse_args(["--head", "fcos", "--backbone-args", '{"channels": 8}', "--backbone-init",
+                                              "none", "--backbone-indices", "1,2,3", "--head-convs", "2"]))
+    model = InternImageDetector(light.detector_config())
+    assert model.fpn.strides == [8, 16, 32, 64]  # the pyramid starts at stride 8
+    assert len(model.detector.head.classification_head.conv) == 2 * 3  # conv, GroupNorm, ReLU per layer
+    assert len(model.detector.head.regression_head.conv) == 2 * 3
     with pytest.raises(ValueError, match="head"):
         td.DetectTrainConfig(head="yolo")

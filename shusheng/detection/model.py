@@ -69,6 +69,8 @@ class DetectorConfig:
         rpn_proposals: proposals kept per image after NMS in training (torchvision's default 2000); inference
             keeps half as many. Small images with few objects need far fewer.
         roi_batch: sampled RoIs per image for the box-head losses (torchvision's default 512).
+        head_convs: 3x3 convolutions in each of FCOS's two head branches (torchvision's default 4). The head runs
+            at every position of every pyramid level, so on a small tower it costs more than the tower.
     """
 
     backbone: str = "internimage_t"
@@ -87,6 +89,7 @@ class DetectorConfig:
     mask_head_dim: int = 256
     rpn_proposals: int = 2000
     roi_batch: int = 512
+    head_convs: int = 4
 
     def __post_init__(self):
         self.labels = [str(v) for v in self.labels]
@@ -109,7 +112,7 @@ class DetectorConfig:
                              f"and at least 64, got {self.fpn_channels}")
         if not 0 < self.min_size <= self.max_size:
             raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
-        for name in ("anchor_scale", "box_head_dim", "mask_head_dim", "rpn_proposals", "roi_batch"):
+        for name in ("anchor_scale", "box_head_dim", "mask_head_dim", "rpn_proposals", "roi_batch", "head_convs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.score_threshold < 1.0:
@@ -305,7 +308,10 @@ def _build_head(c: DetectorConfig, fpn: BackboneFPN, mean: list[float], std: lis
     sizes = tuple((c.anchor_scale * s,) for s in fpn.strides)  # default: 32 px at stride 4, doubling per level
     if c.head == "fcos":
         anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
-        return FCOS(fpn, num_classes=c.num_classes, anchor_generator=anchors, score_thresh=c.score_threshold,
+        from torchvision.models.detection.fcos import FCOSHead
+
+        head = FCOSHead(fpn.out_channels, 1, c.num_classes, num_convs=c.head_convs)
+        return FCOS(fpn, num_classes=c.num_classes, anchor_generator=anchors, head=head, score_thresh=c.score_threshold,
                     detections_per_img=c.detections_per_image, **common)
     levels = fpn.names[:-1]  # RoI pooling reads the pyramid levels, not the max-pooled one
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))

@@ -43,6 +43,7 @@ class DetectTrainConfig:
     backbone: str = "internimage_test"
     backbone_args: dict[str, Any] = field(default_factory=lambda: dict(_TOWER))
     backbone_init: str | None = "shusheng-mini-uniperceiver"  # bundled model / folder / safetensors; None = random
+    backbone_indices: str | None = None  # tower levels the pyramid reads, e.g. "1,2,3" (None = all)
     image_size: int = 256
     fpn_channels: int = 64
     anchor_scale: int = 4
@@ -50,6 +51,7 @@ class DetectTrainConfig:
     mask_head_dim: int = 64
     rpn_proposals: int = 500
     roi_batch: int = 128
+    head_convs: int = 4
     train_n: int = 200_000  # distinct training scenes the steps cycle through
     steps: int = 4000
     batch_size: int = 8
@@ -82,7 +84,9 @@ class DetectTrainConfig:
     def detector_config(self):
         from shusheng.detection.model import DetectorConfig
 
+        indices = None if not self.backbone_indices else [int(i) for i in str(self.backbone_indices).split(",")]
         return DetectorConfig(backbone=self.backbone, backbone_args=self.backbone_args, head=self.head,
+                              backbone_indices=indices, head_convs=self.head_convs,
                               fpn_channels=self.fpn_channels, min_size=self.image_size, max_size=self.image_size,
                               anchor_scale=self.anchor_scale, box_head_dim=self.box_head_dim,
                               mask_head_dim=self.mask_head_dim, rpn_proposals=self.rpn_proposals,
@@ -320,6 +324,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
               "backbone_init": "InternImage weights for the tower: a bundled model, a folder or a .safetensors "
                                "file ('none': random)",
               "anchor_scale": "anchor / FCOS object size per level = anchor_scale x stride (FCOS: use 1)",
+              "backbone_indices": "tower levels the pyramid reads, comma-separated (default: all; '1,2,3' starts "
+                                  "the pyramid at stride 8)",
+              "head_convs": "convolutions per FCOS head branch (torchvision: 4)",
               "train_n": "distinct SynthDrive training scenes the run draws from"})
 
 
