@@ -112,3 +112,26 @@ def test_plot_history_writes_a_png(tmp_path):
     _loop.plot_history([], tmp_path / "c.png")
     assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
     assert not (tmp_path / "c.png").exists()
+
+
+def test_losses_step_updates_and_refuses_a_non_finite_loss():
+    import accelerate
+
+    from shusheng.train import _loop
+
+    acc = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    x = torch.ones(2, 3)
+    losses = {"a": model(x).pow(2).mean(), "b": model(x).abs().mean()}
+    loss = _loop.losses_step(acc, model, opt, losses, step=0, clip_grad=1.0)
+    assert float(loss) == pytest.approx(float(losses["a"] + losses["b"]))
+    assert not torch.equal(model.weight, before) and model.weight.grad is None  # stepped, gradients cleared
+    history = []
+    _loop.log_losses_step(history, 1, loss, losses, 0.1, 2.0, log_every=10, seconds_per_step=2.0)
+    assert history == [{"step": 1, "loss": float(loss), "lr": 0.1, "time": 2.0, "a": float(losses["a"]),
+                        "b": float(losses["b"])}]
+    with pytest.raises(FloatingPointError, match="step 7"):
+        _loop.losses_step(acc, model, opt, {"a": model(x).sum() * float("nan")}, step=7)

@@ -34,7 +34,7 @@ from shusheng._deps import require
 logger = logging.getLogger(__name__)
 
 __all__ = ["LOG_FORMAT", "NONE_STRINGS", "add_config_arguments", "checkpoint_dirs", "config_from_args",
-           "load_checkpoint", "no_weight_decay", "param_groups", "plot_history", "print_metrics", "prune",
+           "load_checkpoint", "log_losses_step", "losses_step", "no_weight_decay", "param_groups", "plot_history", "print_metrics", "prune",
            "resume_dir", "run_main", "save_checkpoint", "scaled_ema_decay", "scaled_warmup", "set_lr",
            "sorted_by_step", "warmup_cosine"]
 
@@ -180,6 +180,37 @@ def stage_tail(history: Sequence[Mapping[str, Any]], stage: str, n: int) -> floa
     the final loss a run reports, less noisy than its last step."""
     vals = [h["loss"] for h in history if h.get("stage") == stage][-n:]
     return float(sum(vals) / len(vals)) if vals else None
+
+
+def losses_step(acc, model: nn.Module, optimizer: torch.optim.Optimizer, losses: Mapping[str, torch.Tensor],
+                step: int, clip_grad: float = 0.0) -> torch.Tensor:
+    """One update from a dict of named losses (a torchvision detector's, a segmenter's main + auxiliary): their
+    sum is back-propagated through ``acc``, gradients clipped to ``clip_grad`` (0: not clipped), the optimiser
+    stepped and its gradients cleared. Returns the summed loss.
+
+    Raises:
+        FloatingPointError: the summed loss is not finite (the message lists each loss at ``step``).
+    """
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in losses.items()} }")
+    acc.backward(loss)
+    if clip_grad:
+        acc.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def log_losses_step(history: list[dict[str, Any]], step: int, loss: torch.Tensor, losses: Mapping[str, torch.Tensor],
+                    lr: float, elapsed: float, log_every: int, seconds_per_step: float) -> None:
+    """Append step ``step``'s summed and named losses, lr and time to ``history`` and, every ``log_every`` steps
+    (and at step 1), log them."""
+    history.append({"step": step, "loss": float(loss.detach()), "lr": lr, "time": elapsed,
+                    **{k: float(v.detach()) for k, v in losses.items()}})
+    if step % log_every == 0 or step == 1:
+        logger.info("step %d loss %.4f (%s) lr %.2e (%.2f s/step)", step, history[-1]["loss"],
+                    ", ".join(f"{k} {history[-1][k]:.3f}" for k in sorted(losses)), lr, seconds_per_step)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -228,24 +228,13 @@ def train(cfg: DetectTrainConfig) -> dict[str, Any]:
         _loop.set_lr(opt, cfg.lr * _loop.warmup_cosine(step, cfg.warmup_steps, cfg.warmup_steps, decay_steps,
                                                        cfg.min_lr_ratio))
         losses = model(images, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in losses.items()} }")
-        acc.backward(loss)
-        if cfg.clip_grad:
-            acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _loop.losses_step(acc, model, opt, losses, step, cfg.clip_grad)
         step += 1
         elapsed = time.time() - t_start
         loss_keys = sorted(losses)
-        history.append({"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "time": elapsed,
-                        **{k: float(v.detach()) for k, v in losses.items()}})
+        _loop.log_losses_step(history, step, loss, losses, opt.param_groups[0]["lr"], elapsed, cfg.log_every,
+                              (time.time() - t_resume) / (step - first_step))
         bar.update(1)
-        if step % cfg.log_every == 0 or step == 1:
-            logger.info("step %d loss %.4f (%s) lr %.2e (%.2f s/step)", step, history[-1]["loss"],
-                        ", ".join(f"{k} {history[-1][k]:.3f}" for k in loss_keys), history[-1]["lr"],
-                        (time.time() - t_resume) / (step - first_step))
         if cfg.eval_every and val and step % cfg.eval_every == 0 and step < cfg.steps and acc.is_main_process:
             evals.append(evaluate())
             model.train()
