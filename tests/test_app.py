@@ -267,7 +267,7 @@ def _markdown_texts(demo) -> list[str]:
 
 def test_tabs_follow_the_protocol():
     tabs = load_tabs()
-    assert [t.title for t in tabs] == ["Search", "Caption & VQA", "Chat", "Generate"]
+    assert [t.title for t in tabs] == ["Search", "Caption & VQA", "Chat", "Detect", "Generate"]
     assert all(isinstance(t, Tab) for t in tabs)
     assert tabs[0].available() is None  # Search: embedders load on first use
 
@@ -341,7 +341,7 @@ def test_caption_vqa_tab_shows_the_reason_when_its_model_is_missing(collection, 
     monkeypatch.setitem(weights.TRAIN_COMMANDS, pipelines.BUNDLED_MODEL, "shusheng train uniperceiver --x y")
     assert "Make its weights with: `shusheng train uniperceiver --x y`" in caption_tab.TAB.available()
     demo = build_demo(collection, PaletteEmbedder())
-    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Generate"]  # Chat: no bridge is bundled
+    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Detect", "Generate"]  # Chat: no bridge is bundled
     assert any("Caption & VQA is not available here" in t and "shusheng train uniperceiver --x y" in t
                for t in _markdown_texts(demo))
     # a BundledWeightsNotFound that names the command already is shown as it is, without a second hint
@@ -364,14 +364,14 @@ def test_caption_vqa_tab_shows_the_reason_when_its_model_is_missing(collection, 
 
     monkeypatch.setattr(pipelines.CaptionPipeline, "from_pretrained", classmethod(no_weights))
     demo = build_demo(collection, PaletteEmbedder())
-    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Generate"]
+    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Detect", "Generate"]
     assert any("no model.safetensors" in t for t in _markdown_texts(demo))
 
     # weights that load: the real tab (Caption / Answer boxes), and Search only with extra_tabs=False
     monkeypatch.setattr(pipelines.CaptionPipeline, "from_pretrained", classmethod(lambda cls, **kw: FakeCaptioner()))
     monkeypatch.setattr(pipelines, "VQAPipeline", FakeCaptioner)
     demo = build_demo(collection, PaletteEmbedder())
-    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Generate"]
+    assert _tab_labels(demo) == ["Search", "Caption & VQA", "Chat", "Detect", "Generate"]
     labels = {block.label for block in demo.blocks.values() if isinstance(block, gr.Textbox)}
     assert {"Caption", "Question", "Answer"} <= labels
     assert not any("Caption & VQA is not available here" in t for t in _markdown_texts(demo))
