@@ -51,13 +51,7 @@ def _draw(image_path: str, detections: list[dict], out_dir: Path, used: set[str]
     from shusheng.detection.visualize import draw_detections
 
     img = draw_detections(load_image(image_path), detections)
-    stem = Path(image_path).stem or "image"
-    name, k = f"{stem}.png", 1
-    while name in used:
-        k += 1
-        name = f"{stem}_{k}.png"
-    used.add(name)
-    out = out_dir / name
+    out = out_dir / f"{_unique_stem(image_path, used)}.png"
     img.save(out)
     return out
 
