@@ -109,6 +109,25 @@ def test_eval_detections_format(head: str) -> None:
         assert res["masks"].shape == (n, 1, 96, 128)
 
 
+def test_fcos_topk_candidates_caps_cells_per_level() -> None:
+    """``topk_candidates`` is the cap per pyramid level before NMS: with 1 candidate per level and NMS off, at most
+    one detection per level comes out, the best-scoring of the uncapped run among them."""
+    x, _ = scene(1)
+    full = tiny("fcos", score_threshold=0.0, detections_per_image=1000).eval()
+    capped = tiny("fcos", score_threshold=0.0, detections_per_image=1000, topk_candidates=1).eval()
+    capped.load_state_dict(full.state_dict())
+    for m in (full, capped):
+        m.detector.nms_thresh = 1.0  # keep every candidate
+    with torch.no_grad():
+        a, b = full([x])[0], capped([x])[0]
+    levels = len(capped.fpn.strides)
+    assert capped.detector.topk_candidates == 1 and full.detector.topk_candidates == 1000
+    assert 0 < len(b["scores"]) <= levels < len(a["scores"])
+    assert float(b["scores"].max()) == pytest.approx(float(a["scores"].max()))
+    with pytest.raises(ValueError, match="topk_candidates"):
+        DetectorConfig(head="fcos", fpn_channels=64, topk_candidates=0)
+
+
 @pytest.mark.parametrize("head", ["maskrcnn", "fcos"])
 def test_save_load_round_trip(head: str, tmp_path) -> None:
     model = tiny(head, score_threshold=0.0).eval()

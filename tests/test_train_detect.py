@@ -180,3 +180,37 @@ def test_cli_flags(tmp_path) -> None:
     assert len(model.detector.head.regression_head.conv) == 2 * 3
     with pytest.raises(ValueError, match="head"):
         td.DetectTrainConfig(head="yolo")
+
+
+def test_fine_tune_from_a_saved_detector_at_mixed_render_sizes(tmp_path, monkeypatch) -> None:
+    """``--init DIR`` starts from the whole saved detector (not only its tower); ``--render-sizes`` renders scene i
+    at size i mod n, and the detector trains on them at its own input size."""
+    torch.manual_seed(0)
+    start = InternImageDetector(_cfg(tmp_path).detector_config())
+    start.save_pretrained(tmp_path / "start")
+    rendered: list[int] = []
+    from shusheng.data import synthdrive as sd
+
+    real_sample = sd.sample
+
+    def spy(seed, index, size=128, **kw):
+        rendered.append((index, size))
+        return real_sample(seed, index, size, **kw)
+
+    monkeypatch.setattr("shusheng.data.synthdrive.sample", spy)
+    cfg = _cfg(tmp_path, init=str(tmp_path / "start"), render_sizes="48,64", steps=2, lr=0.0, val_n=0)
+    assert cfg.scene_sizes() == [48, 64]
+    td.train(cfg)
+    want = [(i, (48, 64)[i % 2]) for step in range(2) for i in td.batch_indices(cfg, step)]
+    assert rendered == want and {s for _, s in want} == {48, 64}
+    tuned = InternImageDetector.from_pretrained(tmp_path / "run" / "final")
+    for k, v in start.state_dict().items():  # lr 0: the weights are the starting detector's (fp16 on disk)
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(tuned.state_dict()[k].float(), v.half().float(), msg=k)
+    card = (tmp_path / "run" / "final" / "MODEL_CARD.md").read_text()
+    assert "fine-tuned" in card and "48/64 px" in card
+    other = InternImageDetector(_cfg(tmp_path, fpn_channels=96).detector_config())
+    with pytest.raises(ValueError, match="architecture"):
+        td.load_detector_init(other, str(tmp_path / "start"))
+    with pytest.raises(ValueError, match="render_sizes"):
+        _cfg(tmp_path, render_sizes="16,64")

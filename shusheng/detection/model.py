@@ -71,6 +71,9 @@ class DetectorConfig:
         roi_batch: sampled RoIs per image for the box-head losses (torchvision's default 512).
         head_convs: 3x3 convolutions in each of FCOS's two head branches (torchvision's default 4). The head runs
             at every position of every pyramid level, so on a small tower it costs more than the tower.
+        topk_candidates: FCOS keeps at most this many of the best-scoring cells per pyramid level before NMS
+            (torchvision's default 1000). Above 1000 boxes in all, torchvision's CPU NMS runs once per class, which
+            cost a small detector more time than its head; a few objects per image need far fewer.
     """
 
     backbone: str = "internimage_t"
@@ -90,6 +93,7 @@ class DetectorConfig:
     rpn_proposals: int = 2000
     roi_batch: int = 512
     head_convs: int = 4
+    topk_candidates: int = 1000
 
     def __post_init__(self):
         self.labels = [str(v) for v in self.labels]
@@ -112,7 +116,8 @@ class DetectorConfig:
                              f"and at least 64, got {self.fpn_channels}")
         if not 0 < self.min_size <= self.max_size:
             raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
-        for name in ("anchor_scale", "box_head_dim", "mask_head_dim", "rpn_proposals", "roi_batch", "head_convs"):
+        for name in ("anchor_scale", "box_head_dim", "mask_head_dim", "rpn_proposals", "roi_batch", "head_convs",
+                     "topk_candidates"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.score_threshold < 1.0:
@@ -312,7 +317,7 @@ def _build_head(c: DetectorConfig, fpn: BackboneFPN, mean: list[float], std: lis
 
         head = FCOSHead(fpn.out_channels, 1, c.num_classes, num_convs=c.head_convs)
         return FCOS(fpn, num_classes=c.num_classes, anchor_generator=anchors, head=head, score_thresh=c.score_threshold,
-                    detections_per_img=c.detections_per_image, **common)
+                    topk_candidates=c.topk_candidates, detections_per_img=c.detections_per_image, **common)
     levels = fpn.names[:-1]  # RoI pooling reads the pyramid levels, not the max-pooled one
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     ch, k = fpn.out_channels, c.num_classes + 1

@@ -30,7 +30,7 @@ from shusheng.train import _loop
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectTrainConfig", "train", "load_backbone_init", "scene_targets", "main"]
+__all__ = ["DetectTrainConfig", "train", "load_backbone_init", "load_detector_init", "scene_targets", "main"]
 
 _TOWER = {"channels": 32, "depths": [1, 1, 3, 1], "groups": [2, 4, 8, 16], "mlp_ratio": 4.0}  # the bundled models' InternImage
 
@@ -44,7 +44,9 @@ class DetectTrainConfig:
     backbone_args: dict[str, Any] = field(default_factory=lambda: dict(_TOWER))
     backbone_init: str | None = "shusheng-mini-uniperceiver"  # bundled model / folder / safetensors; None = random
     backbone_indices: str | None = None  # tower levels the pyramid reads, e.g. "1,2,3" (None = all)
+    init: str | None = None  # a detector folder to start from (fine-tuning); its head and pyramid must fit
     image_size: int = 256
+    render_sizes: str | None = None  # e.g. "128,256": scene i is rendered at size i mod n (default: image_size)
     fpn_channels: int = 64
     anchor_scale: int = 4
     box_head_dim: int = 256
@@ -52,6 +54,7 @@ class DetectTrainConfig:
     rpn_proposals: int = 500
     roi_batch: int = 128
     head_convs: int = 4
+    topk_candidates: int = 1000
     train_n: int = 200_000  # distinct training scenes the steps cycle through
     steps: int = 4000
     batch_size: int = 8
@@ -80,6 +83,14 @@ class DetectTrainConfig:
             raise ValueError("need steps >= 1, batch_size >= 1 and train_n >= batch_size")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
+        if any(size < 32 for size in self.scene_sizes()):
+            raise ValueError(f"render_sizes must be at least 32 px each, got {self.render_sizes!r}")
+
+    def scene_sizes(self) -> list[int]:
+        """Sizes the training scenes are rendered at (the detector resizes them to ``image_size``)."""
+        if not self.render_sizes:
+            return [self.image_size]
+        return [int(v) for v in str(self.render_sizes).split(",") if v.strip()]
 
     def detector_config(self):
         from shusheng.detection.model import DetectorConfig
@@ -87,6 +98,7 @@ class DetectTrainConfig:
         indices = None if not self.backbone_indices else [int(i) for i in str(self.backbone_indices).split(",")]
         return DetectorConfig(backbone=self.backbone, backbone_args=self.backbone_args, head=self.head,
                               backbone_indices=indices, head_convs=self.head_convs,
+                              topk_candidates=self.topk_candidates,
                               fpn_channels=self.fpn_channels, min_size=self.image_size, max_size=self.image_size,
                               anchor_scale=self.anchor_scale, box_head_dim=self.box_head_dim,
                               mask_head_dim=self.mask_head_dim, rpn_proposals=self.rpn_proposals,
@@ -130,6 +142,29 @@ def load_backbone_init(tower: torch.nn.Module, source: str) -> int:
         raise ValueError(f"no tensor of {path} matches the tower's parameters")
     tower.load_state_dict(picked, strict=False)
     return len(picked)
+
+
+def load_detector_init(model: torch.nn.Module, source: str) -> None:
+    """Copy a whole saved detector (a folder or a bundled name) into ``model`` to fine-tune it.
+
+    Raises:
+        ValueError: the saved detector's architecture differs from ``model``'s (a tensor missing or of another
+            shape), named in the message.
+    """
+    from shusheng.detection.model import InternImageDetector
+
+    path = Path(source)
+    if not path.exists():
+        from shusheng.weights import bundled_path
+
+        path = bundled_path(source)
+    state = InternImageDetector.from_pretrained(path).float().state_dict()
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if bad:
+        raise ValueError(f"{source} does not fit this detector's architecture ({len(bad)} tensors differ, e.g. "
+                         f"{bad[:3]}): train with the same head and pyramid options as the saved one")
+    model.load_state_dict(state)
 
 
 def scene_targets(ann, masks: bool) -> dict[str, torch.Tensor]:
@@ -178,7 +213,10 @@ def train(cfg: DetectTrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model = InternImageDetector(cfg.detector_config())
-    if cfg.backbone_init:
+    if cfg.init:
+        load_detector_init(model, cfg.init)
+        logger.info("detector initialised from %s", cfg.init)
+    elif cfg.backbone_init:
         n = load_backbone_init(model.fpn.backbone, cfg.backbone_init)
         logger.info("tower initialised from %s (%d tensors)", cfg.backbone_init, n)
     n_params = sum(p.numel() for p in model.parameters())
@@ -220,8 +258,9 @@ def train(cfg: DetectTrainConfig) -> dict[str, Any]:
     while step < cfg.steps:
         idx = batch_indices(cfg, step)[acc.process_index::acc.num_processes]
         images, targets = [], []
+        sizes = cfg.scene_sizes()
         for i in idx:
-            img, ann = sd.sample(sd.TRAIN_SEED, i, cfg.image_size)
+            img, ann = sd.sample(sd.TRAIN_SEED, i, sizes[i % len(sizes)])
             images.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
                           .to(acc.device))
             targets.append({k: v.to(acc.device) for k, v in scene_targets(ann, cfg.head == "maskrcnn").items()})
@@ -290,9 +329,10 @@ def save_final(cfg: DetectTrainConfig, model, final: Path, metrics: dict[str, An
 
 {kind} from torchvision on a {cfg.fpn_channels}-channel feature pyramid over an InternImage tower
 (`{cfg.backbone}` with {json.dumps(cfg.backbone_args)}; {metrics['parameters'] / 1e6:.2f}M parameters in all),
-trained on SynthDrive scenes at {cfg.image_size} px. Labels: car, truck, bus, person, traffic light, sign.
+trained on SynthDrive scenes rendered at {'/'.join(map(str, cfg.scene_sizes()))} px (input {cfg.image_size} px). Labels: car, truck, bus, person, traffic light, sign.
 
-- Tower initialised from: {cfg.backbone_init or 'random weights'}.
+- Initialised from: {f'the detector {cfg.init} (fine-tuned)' if cfg.init else
+                       f'tower {cfg.backbone_init}' if cfg.backbone_init else 'random weights'}.
 - Data: SynthDrive train seed {0}, {metrics['steps'] * cfg.batch_size} scenes rendered on the fly (indices drawn
   without repeats from the first {cfg.train_n}).
 - Command: `shusheng train detect {command_flags(cfg)}` (seed {cfg.seed}).
@@ -316,11 +356,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
               "backbone_indices": "tower levels the pyramid reads, comma-separated (default: all; '1,2,3' starts "
                                   "the pyramid at stride 8)",
               "head_convs": "convolutions per FCOS head branch (torchvision: 4)",
-              "train_n": "distinct SynthDrive training scenes the run draws from"})
+              "topk_candidates": "FCOS: best cells kept per pyramid level before NMS (torchvision: 1000)",
+              "train_n": "distinct SynthDrive training scenes the run draws from",
+              "init": "a saved detector (folder or bundled name) to fine-tune; replaces --backbone-init",
+              "render_sizes": "comma-separated sizes the training scenes are rendered at, scene i at size i mod n "
+                              "(e.g. 128,256; the detector resizes them to --image-size)"})
 
 
 def config_from_args(args: argparse.Namespace) -> DetectTrainConfig:
-    return _loop.config_from_args(DetectTrainConfig, args, none_strings_for=("backbone_init",))
+    return _loop.config_from_args(DetectTrainConfig, args, none_strings_for=("backbone_init", "init"))
 
 
 def run_train(args: argparse.Namespace) -> int:
