@@ -166,8 +166,8 @@ class _FixedDetector:
 
     labels = ["car", "truck", "bus", "person"]
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, masks: bool = False):
+        self.calls, self.masks = [], masks
 
     def label_name(self, k):
         return self.labels[k - 1]
@@ -183,7 +183,26 @@ class _FixedDetector:
         one = {"boxes": torch.tensor([[10.0, 60.0, 40.0, 90.0], [70.0, 50.0, 100.0, 70.0], [0.0, 0.0, 6.0, 6.0],
                                       [50.0, 50.0, 60.0, 80.0]]),
                "labels": torch.tensor([1, 3, 2, 4]), "scores": torch.tensor([0.9, 0.8, 0.3, 0.95])}
+        if self.masks:  # each detection's mask fills its box
+            h, w = images[0].shape[-2:]
+            one["masks"] = torch.zeros(4, 1, h, w)
+            for k, (x0, y0, x1, y1) in enumerate(one["boxes"].int().tolist()):
+                one["masks"][k, 0, y0:y1, x0:x1] = 1.0
         return [one for _ in images]
+
+
+class _BlueHead:
+    """A stand-in colour head: every vehicle mask is blue; records the mask areas it was given."""
+
+    applies_to = ("car", "truck", "bus")
+
+    def __init__(self):
+        self.areas = []
+
+    def predict(self, image, masks):
+        assert image.dtype.name == "uint8" and image.shape[2] == 3
+        self.areas.append(sorted(int(m.sum()) for m in masks))
+        return [("blue", 0.9) for _ in masks]
 
 
 def test_a_detector_gives_the_vehicle_evidence_and_the_count():
@@ -216,3 +235,26 @@ def test_a_detector_gives_the_vehicle_evidence_and_the_count():
         bad = _FixedDetector()
         bad.labels = ["car", "truck", "person"]
         DrivingChecklist(vqa, detector=bad)
+
+
+def test_a_colour_head_names_the_detected_vehicles_and_picks_the_nearest():
+    from shusheng.data import VAL_SEED, sample
+    from shusheng.uniperceiver.pipelines import VQAPipeline
+    from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
+    from shusheng.weights import BundledWeightsNotFound
+
+    try:
+        vqa = VQAPipeline.from_pretrained()
+    except BundledWeightsNotFound:
+        pytest.skip("bundled shusheng-mini-uniperceiver not present")
+    head = _BlueHead()
+    check = DrivingChecklist(vqa, detector=_FixedDetector(masks=True), color_head=head)
+    res = check([sample(VAL_SEED, 1, 128)[0]]).results[0]
+    # the car (30 x 30), the bus (30 x 20) and the low-scoring truck (6 x 6) are vehicles; the person is not
+    assert head.areas == [[36, 600, 900]]
+    assert sorted(b["label"] for b in res["vehicle_count"]["evidence"]) == ["blue bus", "blue car"]
+    # nearest: the detected vehicle lowest in the frame (the car, bottom edge 90), named by the head
+    assert res["nearest_vehicle"]["answer"] == "blue car"
+    assert res["nearest_vehicle"]["evidence"][0]["box"] == [10, 60, 30, 30]
+    with pytest.raises(ValueError, match="detector"):
+        DrivingChecklist(vqa, color_head=head)

@@ -2,12 +2,14 @@
 detector.
 
 With ``--json`` it prints a JSON list of ``{"image", "detections": [{"label", "score", "box": [x, y, w, h],
-"mask": RLE or null}], "in_domain", "domain_score"}`` objects, boxes and masks in the image's own pixels (an
-image larger than the detector's input is downscaled before the model: its object also has ``"resized_from"``,
-its own ``[width, height]``, and ``"resized_to"``, what the detector saw); an image that cannot be loaded gets an
-``"error"`` entry instead, the others are still detected, and the exit status is 1. ``--draw OUT_DIR`` writes one
-PNG per image with its boxes and instance masks. Without ``--model`` the bundled ``shusheng-mini-det`` runs; when
-it is missing the command stops with status 2 and says how to get one. Heavy imports happen in ``run`` only.
+"mask": RLE or null}], "in_domain", "domain_score"}`` objects (cars, trucks and buses also carry ``"color"`` and
+``"color_score"`` when the detector folder has a colour head: ``shusheng train colors``), boxes and masks in the
+image's own pixels (an image larger than the detector's input is downscaled before the model: its object also has
+``"resized_from"``, its own ``[width, height]``, and ``"resized_to"``, what the detector saw); an image that cannot
+be loaded gets an ``"error"`` entry instead, the others are still detected, and the exit status is 1. ``--draw
+OUT_DIR`` writes one PNG per image with its boxes and instance masks. Without ``--model`` the bundled
+``shusheng-mini-det`` runs; when it is missing the command stops with status 2 and says how to get one. Heavy
+imports happen in ``run`` only.
 
 ``shusheng segment IMG... --out DIR [--model DIR] [--json]``: semantic segmentation (``run_segment``). Per image it
 writes ``<stem>_classes.png`` (8-bit class ids, id ``k`` = the model's ``labels[k]``, SynthDrive's ``CLASSES`` for
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
                 notes.append(f"unlike the training scenes: domain score {r['domain_score']}")
             print(f"{r['image']}: {len(r['detections'])} detection(s)" + (f" ({'; '.join(notes)})" if notes else ""))
             for d in r["detections"]:
-                print(f"  {d['label']:<14} {d['score']:.3f}  box {[round(v, 1) for v in d['box']]}")
+                name = f"{d['color']} {d['label']}" if "color" in d else d["label"]
+                print(f"  {name:<14} {d['score']:.3f}  box {[round(v, 1) for v in d['box']]}")
     for r in rows:
         if "error" in r:
             print(f"error: {r['error']}", file=sys.stderr)

@@ -99,15 +99,23 @@ class DetectionPipeline(LevelStatsDomain, Pipeline):
         domain_check: a :class:`~shusheng.pipelines.DomainCheck` over :meth:`domain_features`, or None
             (``from_pretrained`` loads the one stored with the weights).
         runtime: only ``"torch"`` for now.
+        color_head: a :class:`~shusheng.detection.colors.ColorHead` naming the colour of every detection whose
+            label it applies to (cars, trucks, buses) from its mask, or None (``from_pretrained`` loads the
+            ``colors.safetensors`` stored with the weights). Needs a detector that predicts masks.
     """
 
     model_class = InternImageDetector
     bundled_model = BUNDLED_DETECTOR
 
-    def __init__(self, model: InternImageDetector, domain_check: Any = None, runtime: str = "torch"):
+    def __init__(self, model: InternImageDetector, domain_check: Any = None, runtime: str = "torch",
+                 color_head: Any = None):
         if runtime != "torch":
             raise ValueError(f"DetectionPipeline runs on runtime='torch' only for now, got {runtime!r}")
+        if color_head is not None and model.config.head != "maskrcnn":
+            raise ValueError("a colour head reads instance masks: it needs a 'maskrcnn' detector, not "
+                             f"{model.config.head!r}")
         super().__init__(model, domain_check, runtime)
+        self.color_head = color_head
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -128,7 +136,12 @@ class DetectionPipeline(LevelStatsDomain, Pipeline):
                 raise BundledWeightsNotFound(
                     f"no bundled detector here ({e}); or pass the folder of a detector saved with "
                     "InternImageDetector.save_pretrained (shusheng detect --model DIR)") from None
-        return super().from_pretrained(path, device=device, runtime=runtime, **kwargs)
+        from shusheng.detection.colors import ColorHead
+
+        pipe = super().from_pretrained(path, device=device, runtime=runtime, **kwargs)
+        if pipe.model.config.head == "maskrcnn":
+            pipe.color_head = ColorHead.load(path)
+        return pipe
 
     def _prepare(self, img: Any) -> Any:
         """An image larger than the detector's input, downscaled (antialiased) to the detector's own size."""
@@ -167,14 +180,14 @@ class DetectionPipeline(LevelStatsDomain, Pipeline):
                 for i, img, size, res in zip(batch.index, batch.images, batch.sizes, results):
                     given = (int(img.shape[2]), int(img.shape[1]))
                     out["sizes"][i], out["input_sizes"][i] = (int(size[0]), int(size[1])), given
-                    out["detections"][i] = self._convert(res, threshold, given, out["sizes"][i])
+                    out["detections"][i] = self._convert(res, threshold, given, out["sizes"][i], img)
                 self._fill(out, batch, *self.score_levels(levels, len(batch.index), padded_sizes))
         return DetectionOutput(**out)
 
     def _convert(self, res: dict[str, torch.Tensor], threshold: float, given: tuple[int, int],
-                 size: tuple[int, int]) -> list[dict[str, Any]]:
+                 size: tuple[int, int], pixels: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """Detections above ``threshold`` in the pixels of the image as loaded (``size``), from the detector's on
-        the image it was given (``given``)."""
+        the image it was given (``given``; ``pixels``, ``(3, H, W)`` in [0, 1], what the colour head reads)."""
         keep = res["scores"] >= threshold
         boxes = res["boxes"][keep].float()
         (gw, gh), (w, h) = given, size
@@ -183,6 +196,14 @@ class DetectionPipeline(LevelStatsDomain, Pipeline):
         scores = res["scores"][keep].float().cpu().tolist()
         labels = res["labels"][keep].cpu().tolist()
         masks = res["masks"][keep] if "masks" in res else None  # (N, 1, gh, gw) probabilities
+        colors: dict[int, tuple[str, float]] = {}
+        head = self.color_head
+        if head is not None and masks is not None and pixels is not None:
+            rows = [k for k, lab in enumerate(labels) if self.model.label_name(lab) in head.applies_to]
+            if rows:
+                image = (pixels.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+                named = head.predict(image, [(masks[k, 0] >= 0.5).cpu().numpy() for k in rows])
+                colors = dict(zip(rows, named))
         found = []
         for k, ((x0, y0, x1, y1), s, lab) in enumerate(zip(boxes.cpu().tolist(), scores, labels)):
             mask = None
@@ -194,6 +215,8 @@ class DetectionPipeline(LevelStatsDomain, Pipeline):
             found.append({"label": self.model.label_name(lab), "score": round(float(s), 4),
                           "box": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                           "mask": mask})
+            if k in colors:
+                found[-1]["color"], found[-1]["color_score"] = colors[k]
         return sorted(found, key=lambda d: -d["score"])
 
 

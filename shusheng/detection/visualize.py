@@ -85,7 +85,8 @@ def draw_detections(image: Any, detections: Sequence[dict[str, Any]], mask_alpha
         color = label_color(d["label"])
         draw.rectangle([x, y, x + bw, y + bh], outline=color, width=line)
         if labels:
-            text = f"{d['label']} {d['score']:.2f}"
+            name = f"{d['color']} {d['label']}" if d.get("color") else d["label"]  # a colour head's reading
+            text = f"{name} {d['score']:.2f}"
             x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
             ty = y - (y1 - y0) - 4 if y - (y1 - y0) - 4 >= 0 else y + line
             draw.rectangle([x, ty, x + (x1 - x0) + 4, ty + (y1 - y0) + 4], fill=color)

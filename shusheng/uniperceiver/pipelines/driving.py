@@ -53,7 +53,7 @@ from shusheng.pipelines import PipelineOutput, as_image_list
 from shusheng.uniperceiver.pipelines import VQAPipeline
 
 __all__ = ["DEFAULT_CHECKLIST", "RECORD_FIELDS", "ChecklistOutput", "ChecklistQuestion", "DrivingChecklist",
-           "TemporalWindow", "load_checklist", "load_detector", "validate_record"]
+           "TemporalWindow", "load_checklist", "load_color_head", "load_detector", "validate_record"]
 
 DEFAULT_CHECKLIST = Path(__file__).with_name("driving_questions.json")
 _RULES = ("changed", "entered")
@@ -208,10 +208,14 @@ class DrivingChecklist:
         detector: an :class:`~shusheng.detection.model.InternImageDetector` whose labels include car, truck and
             bus: vehicle evidence then comes from its boxes (see the module docstring). None: the dense head's.
         detector_threshold: lowest detection score kept as evidence.
+        color_head: a :class:`~shusheng.detection.colors.ColorHead` for the detector (a Mask R-CNN): the detected
+            vehicles' colours are then read from their masks, and ``"answer_from": "evidence"`` questions
+            (``nearest_vehicle``) take the detector's boxes (see the module docstring).
     """
 
     def __init__(self, vqa: VQAPipeline, questions: Sequence[ChecklistQuestion] | None = None,
-                 threshold: float = 0.5, detector: Any = None, detector_threshold: float = 0.5):
+                 threshold: float = 0.5, detector: Any = None, detector_threshold: float = 0.5,
+                 color_head: Any = None):
         if not hasattr(vqa.model.image.backbone, "features_and_dense"):
             raise ValueError("the model's image backbone has no dense object head: evidence boxes need one "
                              "(e.g. the bundled shusheng-mini-uniperceiver)")
@@ -222,6 +226,9 @@ class DrivingChecklist:
         self.frame_questions = [q for q in self.questions if not q.is_temporal]
         self.threshold = float(threshold)
         self.detector, self.detector_threshold = detector, float(detector_threshold)
+        if color_head is not None and detector is None:
+            raise ValueError("a colour head names the colours of a detector's vehicles: give the detector too")
+        self.color_head = color_head
         if detector is not None:
             from shusheng.data.synthdrive_render import VEHICLE_TYPES
 
@@ -242,8 +249,9 @@ class DrivingChecklist:
         """The checklist over a saved decoder (default: the bundled one) and a question file (default set).
         ``detector``: a saved detector folder, ``"auto"`` (the bundled ``shusheng-mini-det`` when it is
         installed, else none) or None (dense-head evidence)."""
-        return cls(VQAPipeline.from_pretrained(path), load_checklist(questions), detector=load_detector(detector),
-                   **kwargs)
+        det = load_detector(detector)
+        kwargs.setdefault("color_head", load_color_head(detector) if det is not None else None)
+        return cls(VQAPipeline.from_pretrained(path), load_checklist(questions), detector=det, **kwargs)
 
     def window(self) -> TemporalWindow:
         """A new :class:`TemporalWindow` for one video."""
@@ -262,29 +270,45 @@ class DrivingChecklist:
         return [{"box": b["box"], "label": b["label"], "score": round(b["score"], 4)} for b in chosen]
 
     def _detect(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
-        """The detector on the decoder's (normalised, square) input: detections in its pixels."""
+        """The detector on the decoder's (normalised, square) input: detections in its pixels (with the colour
+        head's ``colors`` of every detection, None for those it does not name)."""
         unit = (pixels.float().cpu() * self._std + self._mean).clamp_(0, 1)
-        return [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(list(unit))]
+        found = [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(list(unit))]
+        if self.color_head is not None:
+            for img, r in zip(unit, found):
+                rows = [k for k, lab in enumerate(r["labels"])
+                        if self.detector.label_name(int(lab)) in self.color_head.applies_to and "masks" in r]
+                image = (img * 255).round().byte().permute(1, 2, 0).numpy()
+                named = self.color_head.predict(image, [r["masks"][k, 0] >= 0.5 for k in rows])
+                r["colors"] = [None] * len(r["labels"])
+                for k, c in zip(rows, named):
+                    r["colors"][k] = c
+        return found
 
     def _vehicle_boxes(self, found: dict[str, Any], prob: Any, shape: Sequence[int],
                        scale: tuple[float, float]) -> list[dict[str, Any]]:
         """Detected vehicles as evidence boxes in image pixels, labelled "<colour> <type>": the type is the
-        detector's, the colour the one whose dense label of that type is most probable inside the box."""
+        detector's, the colour the colour head's (from the mask) or else the one whose dense label of that type is
+        most probable inside the box."""
         from shusheng.data.synthdrive_render import VEHICLE_TYPES
 
         gh, gw = prob.shape[1:]
         h, w = shape
         out = []
-        for box, label, score in zip(found["boxes"], found["labels"], found["scores"]):
+        colors = found.get("colors") or [None] * len(found["labels"])
+        for box, label, score, color in zip(found["boxes"], found["labels"], found["scores"], colors):
             vtype = self.detector.label_name(int(label))
             if vtype not in VEHICLE_TYPES or float(score) < self.detector_threshold:
                 continue
             x0, y0, x1, y1 = (float(v) for v in box)
-            cx0, cy0 = int(x0 * gw / w), int(y0 * gh / h)
-            cx1, cy1 = max(cx0 + 1, int(np.ceil(x1 * gw / w))), max(cy0 + 1, int(np.ceil(y1 * gh / h)))
-            cells = prob[:, cy0:cy1, cx0:cx1].reshape(prob.shape[0], -1).max(1)
-            names = [k for k, n in enumerate(self.labels) if n.endswith(f" {vtype}")]
-            best = self.labels[max(names, key=lambda k: cells[k])] if names else vtype
+            if color is not None and f"{color[0]} {vtype}" in self.labels:
+                best = f"{color[0]} {vtype}"
+            else:
+                cx0, cy0 = int(x0 * gw / w), int(y0 * gh / h)
+                cx1, cy1 = max(cx0 + 1, int(np.ceil(x1 * gw / w))), max(cy0 + 1, int(np.ceil(y1 * gh / h)))
+                cells = prob[:, cy0:cy1, cx0:cx1].reshape(prob.shape[0], -1).max(1)
+                names = [k for k, n in enumerate(self.labels) if n.endswith(f" {vtype}")]
+                best = self.labels[max(names, key=lambda k: cells[k])] if names else vtype
             bx = [int(round(x0 * scale[0])), int(round(y0 * scale[1])), int(round((x1 - x0) * scale[0])),
                   int(round((y1 - y0) * scale[1]))]
             out.append({"box": [max(0, v) for v in bx], "label": best, "score": float(score), "group": "vehicle"})
@@ -342,7 +366,7 @@ class DrivingChecklist:
                 for q in self.frame_questions:
                     a, s = per_q[q.id][j]
                     if q.answer_from == "evidence":  # the label of the one box the rule picks, if any
-                        picked = self._evidence(q, "", boxes)
+                        picked = self._evidence(q, "", counted if self.color_head is not None else boxes)
                         if picked and picked[0]["label"] in q.answers:
                             a, s = picked[0]["label"], picked[0]["score"]
                         elif not picked:
@@ -351,7 +375,8 @@ class DrivingChecklist:
                         n_found = len(self._evidence(q, "", counted))
                         a = str(min(n_found, max(int(x) for x in q.answers)))
                         s = float(per_q_count[q.id][j][q.answers.index(a)])
-                    used = counted if q.answer_from == "count" else boxes
+                    used = counted if q.answer_from == "count" or (
+                        q.answer_from == "evidence" and self.color_head is not None) else boxes
                     res[q.id] = {"answer": a, "score": s, "evidence": self._evidence(q, a, used)}
                 out["results"][i] = res
                 out["detections"][i] = [{k: v for k, v in b.items() if k != "group"} for b in boxes]
@@ -379,6 +404,22 @@ def load_detector(source: str | Path | None) -> Any:
         except BundledWeightsNotFound:
             return None
     return InternImageDetector.from_pretrained(source).eval()
+
+
+def load_color_head(source: str | Path | None) -> Any:
+    """The colour head stored with a detector (:func:`load_detector`'s ``source``), or None when it has none."""
+    if source is None:
+        return None
+    from shusheng.detection.colors import ColorHead
+
+    if str(source) == "auto":
+        from shusheng.weights import BundledWeightsNotFound, bundled_path
+
+        try:
+            source = bundled_path("shusheng-mini-det")
+        except BundledWeightsNotFound:
+            return None
+    return ColorHead.load(source)
 
 
 #: keys of one output line of ``demos/drive_qa.py`` and their types (``None`` allowed where listed)
