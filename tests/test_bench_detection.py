@@ -51,6 +51,7 @@ def test_bench_writes_every_row_on_tiny_models(tmp_path, monkeypatch, capsys):
     per_model = {"box_AP", "box_AP50", "box_AP75", "latency_b1", "latency_b8", "pipeline_b1"}
     assert set(rows) == ({("maskrcnn", k) for k in per_model | {"mask_AP"}} | {("fcos", k) for k in per_model}
                          | {("fcos vs maskrcnn", "onestage_speedup"), ("fcos vs maskrcnn", "onestage_box_AP_ratio"),
+                            ("fcos vs maskrcnn", "paired_b1_maskrcnn"), ("fcos vs maskrcnn", "paired_b1_fcos"),
                             ("seg", "mIoU"), ("seg", "pixel_accuracy")})
     for (_, key), r in rows.items():
         if r["unit"] in ("AP", "IoU", "share"):
@@ -61,6 +62,8 @@ def test_bench_writes_every_row_on_tiny_models(tmp_path, monkeypatch, capsys):
         assert rows[("maskrcnn", key)]["target"] and rows[("fcos", key)]["meets"] in ("yes", "no")
     assert rows[("maskrcnn", "mask_AP")]["target"] == ">= 0.45" and rows[("seg", "mIoU")]["meets"] in ("yes", "no")
     assert rows[("fcos vs maskrcnn", "onestage_speedup")]["meets"] in ("yes", "no")
+    pair = [rows[("fcos vs maskrcnn", k)]["value"] for k in ("paired_b1_maskrcnn", "paired_b1_fcos", "onestage_speedup")]
+    assert pair[2] == pytest.approx(pair[0] / pair[1])  # the speed-up is the ratio of the times measured in turns
     assert result["meta"]["n"] == 3 and result["meta"]["detectors"]["maskrcnn"]["head"] == "maskrcnn"
     per_class = json.loads((tmp_path / "out" / "detection_per_class.json").read_text())["rows"]
     assert {r["class"] for r in per_class if r["model"] == "fcos"} == {"car", "truck", "bus", "person",

@@ -332,7 +332,7 @@ def save_final(cfg: DetectTrainConfig, model, final: Path, metrics: dict[str, An
 trained on SynthDrive scenes rendered at {'/'.join(map(str, cfg.scene_sizes()))} px (input {cfg.image_size} px). Labels: car, truck, bus, person, traffic light, sign.
 
 - Initialised from: {f'the detector {cfg.init} (fine-tuned)' if cfg.init else
-                       f'tower {cfg.backbone_init}' if cfg.backbone_init else 'random weights'}.
+                       f'the tower of {cfg.backbone_init}' if cfg.backbone_init else 'random weights'}.
 - Data: SynthDrive train seed {0}, {metrics['steps'] * cfg.batch_size} scenes rendered on the fly (indices drawn
   without repeats from the first {cfg.train_n}).
 - Command: `shusheng train detect {command_flags(cfg)}` (seed {cfg.seed}).

@@ -32,9 +32,10 @@ TRAIN_COMMANDS: dict[str, str] = {
                          "to shusheng/weights/shusheng-mini-t2i",
     "shusheng-mini-det": "shusheng train detect --output runs/det/maskrcnn (see docs/detection.md); then copy "
                          "runs/det/maskrcnn/final to shusheng/weights/shusheng-mini-det",
-    "shusheng-mini-det-fcos": "shusheng train detect --output runs/det/fcos --head fcos --anchor-scale 1 "
-                              "--backbone-indices 1,2,3 --head-convs 2 (see docs/detection.md); then copy "
-                              "runs/det/fcos/final to shusheng/weights/shusheng-mini-det-fcos",
+    "shusheng-mini-det-fcos": "shusheng train detect --output runs/det/fcos_lite --head fcos --anchor-scale 1 "
+                              "--backbone-indices 1,2,3 --head-convs 1 --topk-candidates 100 (see "
+                              "shusheng/weights/shusheng-mini-det-fcos/MODEL_CARD.md for the exact schedule); then "
+                              "copy runs/det/fcos_lite/final to shusheng/weights/shusheng-mini-det-fcos",
     "shusheng-mini-seg": "shusheng train segment --output runs/seg (see docs/detection.md); then copy runs/seg/final "
                          "to shusheng/weights/shusheng-mini-seg",
 }
