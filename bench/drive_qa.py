@@ -2,7 +2,8 @@
 
     python bench/drive_qa.py [--drives 12] [--frames 48] [--fps 8] [--every 1] [--model DIR] [--out bench/results]
 
-Renders drives ``0 .. drives-1`` of the fixed test seed (2023; cached under the shusheng cache folder), runs
+Renders drives ``0 .. drives-1`` of the fixed test seed (2023; ``--split val``: the val seed, to choose settings
+on; cached under the shusheng cache folder), runs
 ``demos/drive_qa.py`` over their MP4 files exactly as a user would (2 torch threads), and scores the output with
 ``demos/score_drive_qa.py``: accuracy per question type next to the question-only baseline (the best constant
 answer) and the ground-truth-facts upper bound, the share of output lines valid against the schema, and the
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="decoder folder (default: the bundled one)")
     ap.add_argument("--detector", default="none", help="detector that counts vehicles: a folder, 'auto' (the "
                                                        "bundled shusheng-mini-det) or 'none' (default)")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="drives of the fixed test seed (the reported numbers) or of the val seed (for choosing "
+                         "settings without looking at the test drives)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     reexec_with_bench_env()
@@ -49,10 +53,11 @@ def main(argv=None) -> int:
     from shusheng.data import synthdrive as sd
     from shusheng.data.synthdrive_drive import generate_drives
 
-    data = cache_dir() / "bench" / f"drives_test_{args.drives}x{args.frames}_{args.fps:g}fps"
+    seed = sd.VAL_SEED if args.split == "val" else sd.TEST_SEED
+    data = cache_dir() / "bench" / f"drives_{args.split}_{args.drives}x{args.frames}_{args.fps:g}fps"
     if not (data / "drives.json").is_file():
         t = time.time()
-        generate_drives(data, args.drives, sd.TEST_SEED, args.frames, args.fps, 128, workers=2, overwrite=True)
+        generate_drives(data, args.drives, seed, args.frames, args.fps, 128, workers=2, overwrite=True)
         print(f"rendered {args.drives} drives in {time.time() - t:.1f} s -> {data}", file=sys.stderr)
     work = Path(args.out) / "drive_qa_run"
     work.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
                      "plus20": "yes" if r["accuracy"] - r["question_only"] >= 0.2 else "no",
                      "plus20_balanced": "yes" if r["balanced_accuracy"] - r["balanced_question_only"] >= 0.2 else "no"})
     rows.append({"question": "overall", **s["overall"]})
-    meta = {**machine_info(), "drives": args.drives, "frames": args.frames, "fps": args.fps, "every": args.every,
+    meta = {**machine_info(), "split": args.split, "drives": args.drives, "frames": args.frames, "fps": args.fps, "every": args.every,
             "frames_answered": n_frames, "wall_s": round(wall, 1), "model_load_s": round(load_s, 1),
             "frames_per_s": round(fps, 1), "valid_share": s["valid_share"], "lines": s["lines"],
             "invalid_lines": s["invalid_lines"], "model": args.model or "bundled", "detector": args.detector}

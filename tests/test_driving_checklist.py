@@ -258,3 +258,18 @@ def test_a_colour_head_names_the_detected_vehicles_and_picks_the_nearest():
     assert res["nearest_vehicle"]["evidence"][0]["box"] == [10, 60, 30, 30]
     with pytest.raises(ValueError, match="detector"):
         DrivingChecklist(vqa, color_head=head)
+
+
+def test_nearest_merges_one_object_and_breaks_near_ties_by_size():
+    from shusheng.uniperceiver.pipelines.driving import NEAREST_TIE, _nearest
+
+    car = {"box": [80, 110, 30, 18], "label": "red car", "score": 0.9}      # bottom 128
+    same_as_bus = {"box": [81, 109, 30, 19], "label": "red bus", "score": 0.6}  # the same vehicle, another type
+    assert _nearest([same_as_bus, car]) == [car]                               # one object: the better score
+    small_low = {"box": [10, 100, 10, 20], "label": "green car", "score": 0.8}  # bottom 120
+    big_a_bit_higher = {"box": [40, 90, 40, 29], "label": "blue bus", "score": 0.8}  # bottom 119, 1 px higher
+    assert NEAREST_TIE * 20 >= 1
+    assert _nearest([small_low, big_a_bit_higher]) == [big_a_bit_higher]        # a near-tie: the larger box
+    far = {"box": [40, 60, 40, 29], "label": "blue bus", "score": 0.8}          # bottom 89: clearly farther
+    assert _nearest([small_low, far]) == [small_low]
+    assert _nearest([]) == []
