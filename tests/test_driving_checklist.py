@@ -273,3 +273,20 @@ def test_nearest_merges_one_object_and_breaks_near_ties_by_size():
     far = {"box": [40, 60, 40, 29], "label": "blue bus", "score": 0.8}          # bottom 89: clearly farther
     assert _nearest([small_low, far]) == [small_low]
     assert _nearest([]) == []
+
+
+def test_load_color_head_follows_the_detector_source(tmp_path):
+    from shusheng.detection.colors import ColorHead
+    from shusheng.uniperceiver.pipelines.driving import load_color_head
+    from shusheng.weights import BundledWeightsNotFound, bundled_path
+
+    assert load_color_head(None) is None
+    assert load_color_head(tmp_path) is None  # a folder without colors.safetensors
+    ColorHead(["red", "blue"]).save(tmp_path)
+    assert load_color_head(tmp_path).names == ["red", "blue"]
+    try:
+        bundled_path("shusheng-mini-det")
+    except BundledWeightsNotFound:
+        assert load_color_head("auto") is None
+    else:
+        assert load_color_head("auto").applies_to == ("car", "truck", "bus")  # the bundled detector has one

@@ -397,18 +397,25 @@ class DrivingChecklist:
 def load_detector(source: str | Path | None) -> Any:
     """A detector for :class:`DrivingChecklist`: a saved folder, ``"auto"`` (the bundled ``shusheng-mini-det``
     when installed, else None) or None."""
-    if source is None:
+    folder = _detector_folder(source)
+    if folder is None:
         return None
     from shusheng.detection.model import InternImageDetector
 
-    if str(source) == "auto":
-        from shusheng.weights import BundledWeightsNotFound, bundled_path
+    return InternImageDetector.from_pretrained(folder).eval()
 
-        try:
-            source = bundled_path("shusheng-mini-det")
-        except BundledWeightsNotFound:
-            return None
-    return InternImageDetector.from_pretrained(source).eval()
+
+def _detector_folder(source: str | Path | None) -> str | Path | None:
+    """``source`` itself, the bundled ``shusheng-mini-det``'s folder for ``"auto"`` (None when it is not
+    installed), or None."""
+    if source is None or str(source) != "auto":
+        return source
+    from shusheng.weights import BundledWeightsNotFound, bundled_path
+
+    try:
+        return bundled_path("shusheng-mini-det")
+    except BundledWeightsNotFound:
+        return None
 
 
 #: for "nearest", detected vehicles overlapping more than this (IoU) are one vehicle found under two types
@@ -454,18 +461,12 @@ def _nearest(boxes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def load_color_head(source: str | Path | None) -> Any:
     """The colour head stored with a detector (:func:`load_detector`'s ``source``), or None when it has none."""
-    if source is None:
+    folder = _detector_folder(source)
+    if folder is None:
         return None
     from shusheng.detection.colors import ColorHead
 
-    if str(source) == "auto":
-        from shusheng.weights import BundledWeightsNotFound, bundled_path
-
-        try:
-            source = bundled_path("shusheng-mini-det")
-        except BundledWeightsNotFound:
-            return None
-    return ColorHead.load(source)
+    return ColorHead.load(folder)
 
 
 #: keys of one output line of ``demos/drive_qa.py`` and their types (``None`` allowed where listed)
