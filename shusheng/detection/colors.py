@@ -95,6 +95,24 @@ class ColorHead(nn.Module):
         best = p.max(-1)
         return [(self.names[int(j)], round(float(v), 4)) for v, j in zip(best.values, best.indices)]
 
+    @torch.inference_mode()
+    def name_detections(self, pixels: Any, labels: Sequence[str], masks: Any) -> list[tuple[str, float] | None]:
+        """``(colour, probability)`` of each detection whose label the head applies to, None for the others.
+
+        Args:
+            pixels: the image the detector saw, ``(3, H, W)`` in [0, 1] (tensor or array).
+            labels: each detection's label name.
+            masks: the detections' ``(N, 1, H, W)`` mask probabilities (thresholded at 0.5).
+        """
+        rows = [k for k, name in enumerate(labels) if name in self.applies_to]
+        named: list[tuple[str, float] | None] = [None] * len(labels)
+        if rows:
+            img = torch.as_tensor(pixels).float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+            probs = torch.as_tensor(masks)
+            for k, c in zip(rows, self.predict(img, [(probs[k, 0] >= 0.5).cpu().numpy() for k in rows])):
+                named[k] = c
+        return named
+
     def save(self, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
         """Write ``colors.safetensors`` into ``folder`` (names, sizes and the fit's ``metrics`` in its metadata);
         returns the file."""

@@ -196,14 +196,9 @@ class DetectionPipeline(LevelStatsDomain, Pipeline):
         scores = res["scores"][keep].float().cpu().tolist()
         labels = res["labels"][keep].cpu().tolist()
         masks = res["masks"][keep] if "masks" in res else None  # (N, 1, gh, gw) probabilities
-        colors: dict[int, tuple[str, float]] = {}
-        head = self.color_head
-        if head is not None and masks is not None and pixels is not None:
-            rows = [k for k, lab in enumerate(labels) if self.model.label_name(lab) in head.applies_to]
-            if rows:
-                image = (pixels.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-                named = head.predict(image, [(masks[k, 0] >= 0.5).cpu().numpy() for k in rows])
-                colors = dict(zip(rows, named))
+        colors = [None] * len(labels)
+        if self.color_head is not None and masks is not None and pixels is not None:
+            colors = self.color_head.name_detections(pixels, [self.model.label_name(lab) for lab in labels], masks)
         found = []
         for k, ((x0, y0, x1, y1), s, lab) in enumerate(zip(boxes.cpu().tolist(), scores, labels)):
             mask = None
@@ -215,7 +210,7 @@ class DetectionPipeline(LevelStatsDomain, Pipeline):
             found.append({"label": self.model.label_name(lab), "score": round(float(s), 4),
                           "box": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                           "mask": mask})
-            if k in colors:
+            if colors[k] is not None:
                 found[-1]["color"], found[-1]["color_score"] = colors[k]
         return sorted(found, key=lambda d: -d["score"])
 

@@ -281,13 +281,9 @@ class DrivingChecklist:
         found = [{k: v.cpu().numpy() for k, v in r.items()} for r in self.detector(list(unit))]
         if self.color_head is not None:
             for img, r in zip(unit, found):
-                rows = [k for k, lab in enumerate(r["labels"])
-                        if self.detector.label_name(int(lab)) in self.color_head.applies_to and "masks" in r]
-                image = (img * 255).round().byte().permute(1, 2, 0).numpy()
-                named = self.color_head.predict(image, [r["masks"][k, 0] >= 0.5 for k in rows])
-                r["colors"] = [None] * len(r["labels"])
-                for k, c in zip(rows, named):
-                    r["colors"][k] = c
+                if "masks" in r:
+                    r["colors"] = self.color_head.name_detections(
+                        img, [self.detector.label_name(int(lab)) for lab in r["labels"]], r["masks"])
         return found
 
     def _vehicle_boxes(self, found: dict[str, Any], prob: Any, shape: Sequence[int],
