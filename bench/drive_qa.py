@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="decoder folder (default: the bundled one)")
     ap.add_argument("--detector", default="none", help="detector that counts vehicles: a folder, 'auto' (the "
                                                        "bundled shusheng-mini-det) or 'none' (default)")
+    ap.add_argument("--detector-proposals", type=int, default=None,
+                    help="RPN proposals per frame for a Mask R-CNN detector (default: the checklist's)")
     ap.add_argument("--split", choices=("test", "val"), default="test",
                     help="drives of the fixed test seed (the reported numbers) or of the val seed (for choosing "
                          "settings without looking at the test drives)")
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
             f"detector={None if args.detector == 'none' else args.detector!r}); print(time.time()-t)"]
     load_s = float(subprocess.run(load, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     cmd = [sys.executable, str(ROOT / "demos" / "drive_qa.py"), str(data), "--out", str(results), "--every",
-           str(args.every), "--threads", "2", "--detector", args.detector] + (["--model", args.model] if args.model else [])
+           str(args.every), "--threads", "2", "--detector", args.detector] + (["--model", args.model] if args.model else []) + (
+           ["--detector-proposals", str(args.detector_proposals)] if args.detector_proposals else [])
     t = time.time()
     subprocess.run(cmd, check=True)
     wall = time.time() - t
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
     meta = {**machine_info(), "split": args.split, "drives": args.drives, "frames": args.frames, "fps": args.fps, "every": args.every,
             "frames_answered": n_frames, "wall_s": round(wall, 1), "model_load_s": round(load_s, 1),
             "frames_per_s": round(fps, 1), "valid_share": s["valid_share"], "lines": s["lines"],
-            "invalid_lines": s["invalid_lines"], "model": args.model or "bundled", "detector": args.detector}
+            "invalid_lines": s["invalid_lines"], "model": args.model or "bundled", "detector": args.detector,
+            "detector_proposals": args.detector_proposals or "default"}
     md = write_results("drive_qa", rows, [("question", "question"), ("accuracy", "accuracy"),
                                           ("question_only", "question-only"), ("upper_bound", "upper bound"),
                                           ("target", "target"), ("meets", "meets target"),

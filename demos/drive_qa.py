@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="decoder folder (default: the bundled shusheng-mini-uniperceiver)")
     ap.add_argument("--detector", default="none",
                     help="detector folder that counts vehicles (vehicle_count); 'auto': the bundled "
-                         "shusheng-mini-det; 'none' (default): the decoder answers (faster: 66 against 20 "
-                         "frames/s on 2 threads; counts 0.48 against 0.63 on bench/drive_qa.py)")
+                         "shusheng-mini-det; 'none' (default): the decoder answers (faster: 68 against 28 "
+                         "frames/s on 2 threads; counts 0.48 against 0.76 on bench/drive_qa.py)")
+    ap.add_argument("--detector-proposals", type=int, default=None,
+                    help="a Mask R-CNN detector's RPN proposals per frame (default: the checklist's, "
+                         "CHECKLIST_PROPOSALS)")
     ap.add_argument("--every", type=int, default=1, help="use every K-th frame of a video")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--resume", action="store_true", help="continue an earlier run writing to --out")
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.every < 1:
         ap.error("--every must be >= 1")
+    if args.detector_proposals is not None and args.detector_proposals < 1:
+        ap.error("--detector-proposals must be >= 1")
     out_path = Path(args.out)
     if out_path.exists() and out_path.stat().st_size and not args.resume:
         ap.error(f"{out_path} exists: pass --resume to continue it, or choose another --out")
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     questions = load_checklist(args.questions)
     checklist = DrivingChecklist.from_pretrained(args.model, args.questions,
-                                                 detector=None if args.detector == "none" else args.detector)
+                                                 detector=None if args.detector == "none" else args.detector,
+                                                 **({} if args.detector_proposals is None else
+                                                    {"detector_proposals": args.detector_proposals}))
     done_lines = read_done(out_path) if args.resume else []
     done = {(r["source"], r["frame"]["index"], r["question_id"]) for r in done_lines}
     n_questions = len(questions)

@@ -12,7 +12,7 @@ a drive, as ``drive_qa.py --every`` reads them) times every question of the set 
   (:func:`validate_record`) or answer outside the question's answers; both are counted, never a crash;
 * **question-only baseline**: the best constant answer per question (the most frequent true answer of the set
   itself, so no blind answerer can beat it);
-* **upper bound**: the answers the same rules give from the true per-frame facts (1 for frame questions; for
+* **upper bound**: the answers the same rules give from the true per-frame facts and objects (1 for frame questions; for
   temporal ones, the loss of answering from sampled frames without tracking who is who);
 * **balanced accuracy**: the mean over true answers of the share answered right (recall per class). Rare events
   ("did the light change?", yes in about one frame in five) make plain accuracy mostly a count of the common
@@ -79,6 +79,18 @@ def true_answer(q, rec: dict) -> str:
     return grid_answer(fact, spec["form"], rec["attributes"], **params)
 
 
+def true_evidence(q, rec: dict) -> list[str]:
+    """The scene's objects that are evidence for question ``q`` (labels only: the ``entered`` rule counts them)."""
+    from shusheng.data.synthdrive import object_labels
+    from shusheng.data.synthdrive_render import VEHICLE_TYPES
+
+    def is_vehicle(label: str) -> bool:
+        return label.split(" ")[-1] in VEHICLE_TYPES
+
+    return [lab for lab in object_labels(rec["attributes"])
+            if any(lab == e or (e == "vehicle" and is_vehicle(lab)) for e in q.evidence)]
+
+
 def correct(q, answer: str | None, truth: str, tolerance: float) -> bool:
     if answer is None:
         return False
@@ -123,7 +135,7 @@ def score(results: Path, truth_dir: Path, questions_file: str | None = None, eve
             continue
         answers[k] = rec["answer"]
 
-    # temporal questions of the upper bound: the same window rules over the true per-frame answers
+    # temporal questions of the upper bound: the same window rules over the true per-frame answers and objects
     upper: dict[tuple[str, int, str], str] = {}
     frame_qs = [q for q in questions if not q.is_temporal]
     by_source = defaultdict(list)
@@ -135,7 +147,8 @@ def score(results: Path, truth_dir: Path, questions_file: str | None = None, eve
         win = TemporalWindow(questions)
         for idx in sorted(frames):
             rec = truth[(key, idx)]
-            got = win.push(rec["time_s"], {q.id: {"answer": true_answer(q, rec), "score": 1.0} for q in frame_qs})
+            got = win.push(rec["time_s"], {q.id: {"answer": true_answer(q, rec), "score": 1.0,
+                                                  "evidence": true_evidence(q, rec)} for q in frame_qs})
             for qid, v in got.items():
                 upper[(key, idx, qid)] = v["answer"]
 

@@ -129,6 +129,42 @@ def test_fcos_topk_candidates_caps_cells_per_level() -> None:
 
 
 @pytest.mark.parametrize("head", ["maskrcnn", "fcos"])
+def test_set_inference_threshold_keeps_the_detections_above_it(head: str) -> None:
+    """Raising the score threshold to t drops exactly the detections up to t (a box is suppressed only by a better
+    one); fewer RPN proposals change Mask R-CNN's inference setting; bad values are refused."""
+    x, _ = scene(1)
+    model = tiny(head, score_threshold=0.0, detections_per_image=1000).eval()
+    with torch.no_grad():
+        full = model([x])[0]
+    t = float(full["scores"].median())
+    assert model.set_inference(score_threshold=t) is model and model.config.score_threshold == t
+    with torch.no_grad():
+        cut = model([x])[0]
+    keep = full["scores"] > t  # torchvision keeps scores above the threshold
+    assert 0 < len(cut["scores"]) < len(full["scores"])
+
+    def rows(scores, boxes):  # (score, box) rows in a fixed order, ties included
+        r = torch.cat([scores[:, None], boxes], 1).numpy()
+        return r[np.lexsort(r.T[::-1])]
+
+    np.testing.assert_allclose(rows(cut["scores"], cut["boxes"]), rows(full["scores"][keep], full["boxes"][keep]))
+    with pytest.raises(ValueError, match="score_threshold"):
+        model.set_inference(score_threshold=1.0)
+    if head == "fcos":
+        with pytest.raises(ValueError, match="FCOS"):
+            model.set_inference(proposals=10)
+        return
+    model.set_inference(proposals=7)
+    rpn = model.detector.rpn
+    assert rpn.post_nms_top_n() == 7 and rpn._post_nms_top_n["training"] == model.config.rpn_proposals
+    with torch.no_grad():
+        few = model([x])[0]
+    assert len(few["scores"]) <= 7 * model.config.num_classes
+    with pytest.raises(ValueError, match="proposals"):
+        model.set_inference(proposals=0)
+
+
+@pytest.mark.parametrize("head", ["maskrcnn", "fcos"])
 def test_save_load_round_trip(head: str, tmp_path) -> None:
     model = tiny(head, score_threshold=0.0).eval()
     model.save_pretrained(tmp_path)

@@ -103,7 +103,60 @@ def test_train_colors_cli(tmp_path, capsys) -> None:
         main(["train", "colors", "--model", str(tmp_path / "fcos"), "--n-scenes", "4"])
     _tiny_detector("maskrcnn").save_pretrained(tmp_path / "mrcnn")
     assert main(["train", "colors", "--model", str(tmp_path / "mrcnn"), "--n-scenes", "20", "--val-n", "5",
-                 "--epochs", "3", "--sizes", "64"]) == 0
+                 "--epochs", "3", "--sizes", "64", "--masks", "truth"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["train_scenes"] == 20 and out["sizes"] == [64] and "--n-scenes 20" in out["command"]
+    assert out["masks"] == "truth" and "--masks truth" in out["command"]
     assert ColorHead.load(tmp_path / "mrcnn") is not None
+
+
+class _TruthDetector:
+    """A stand-in Mask R-CNN that finds every vehicle of the SynthDrive scenes it is shown, in order, with its
+    true mask shifted by ``shift`` pixels to the right (and one sign, which the colour samples must skip)."""
+
+    labels = ["car", "truck", "bus", "person", "traffic light", "sign"]
+
+    def __init__(self, seed, indices, size, shift=0):
+        from pycocotools import mask as mask_util
+
+        from shusheng.data import sample
+
+        self.queue = []
+        for i in indices:
+            _, ann = sample(seed, i, size)
+            n = len(ann.attributes["vehicles"])
+            ms = [np.roll(mask_util.decode(o["segmentation"]), shift, axis=1) for o in ann.objects[:n]]
+            ms.append(np.zeros((size, size), np.uint8))
+            self.queue.append((ms, [1] * n + [6]))
+
+    def label_name(self, k):
+        return self.labels[k - 1]
+
+    def __call__(self, images):
+        masks, labels = self.queue.pop(0)
+        return [{"masks": torch.from_numpy(np.stack(masks)).float()[:, None], "labels": torch.tensor(labels)}]
+
+
+def test_colour_samples_from_detected_masks() -> None:
+    from shusheng.data import synthdrive as sd
+    from shusheng.detection.colors import scene_color_samples
+
+    idx = range(6)
+    xt, yt = scene_color_samples(sd.VAL_SEED, idx, (128,))
+    assert len(yt) > 6
+    # a detector whose masks are the true ones gives the true samples; "both" gives each twice
+    xd, yd = scene_color_samples(sd.VAL_SEED, idx, (128,), detector=_TruthDetector(sd.VAL_SEED, idx, 128),
+                                 masks="detector")
+    np.testing.assert_allclose(xd, xt)
+    assert yd == yt
+    xb, yb = scene_color_samples(sd.VAL_SEED, idx, (128,), detector=_TruthDetector(sd.VAL_SEED, idx, 128),
+                                 masks="both")
+    assert len(yb) == 2 * len(yt) and yb[::2] == yt
+    # masks far off their vehicles match none of them: no samples
+    far = _TruthDetector(sd.VAL_SEED, idx, 128, shift=40)
+    _, yf = scene_color_samples(sd.VAL_SEED, idx, (128,), detector=far, masks="detector")
+    assert len(yf) < len(yt)
+    with pytest.raises(ValueError, match="needs a detector"):
+        scene_color_samples(sd.VAL_SEED, idx, masks="detector")
+    with pytest.raises(ValueError, match="masks must be"):
+        scene_color_samples(sd.VAL_SEED, idx, masks="boxes")

@@ -87,6 +87,21 @@ def test_pedestrian_entering_needs_no_then_yes_within_the_window():
         win.push(1.0, {"light": _a("none"), "crosswalk_pedestrians": _a("no")})
 
 
+def test_pedestrian_entering_counts_who_is_there():
+    """Someone joining a person already on the crosswalk is an entry: the answer stays yes, the evidence grows."""
+    win = TemporalWindow(load_checklist())
+    person = {"box": [1, 2, 3, 4], "label": "person on crosswalk", "score": 0.9}
+    seq = [(0.0, 1), (0.25, 1), (0.5, 2), (0.75, 2), (2.0, 2), (2.25, 1), (2.5, 2)]
+    got = [win.push(t, {"light": _a("none"), "crosswalk_pedestrians": {"answer": "yes", "score": 0.9,
+                                                                       "evidence": [person] * n}})
+           for t, n in seq]
+    assert [g["pedestrian_entering"]["answer"] for g in got] == ["no", "no", "yes", "yes", "no", "no", "yes"]
+    # a "no" counts nobody, whatever boxes it shows; a "yes" without boxes counts one
+    win = TemporalWindow(load_checklist())
+    win.push(0.0, {"crosswalk_pedestrians": {"answer": "no", "score": 0.9, "evidence": [person] * 3}})
+    assert win.push(0.5, {"crosswalk_pedestrians": _a("yes")})["pedestrian_entering"]["answer"] == "yes"
+
+
 def _line(**kw):
     rec = {"source": "a.mp4", "frame": {"index": 3, "time_s": 0.375}, "question_id": "light",
            "question": "What color is the traffic light?", "answer": "red", "score": 0.9,

@@ -394,3 +394,16 @@ def test_cli_writes_dataset_and_preview(tmp_path):
         assert g.size[0] > 2 * 64
     assert main(["data", "synthdrive", "--split", "test", "--n", "5000", "--out", str(tmp_path / "t")]) == 2
     assert main(["data", "synthdrive"]) == 2
+
+
+def test_object_labels_agree_with_the_dense_label_map():
+    """One label per described object, the same labels the dense map paints (crosswalk stripes aside)."""
+    for i in range(6):
+        _, ann = sd.sample(sd.VAL_SEED, i)
+        labels = sd.object_labels(ann.attributes)
+        a = ann.attributes
+        assert len(labels) == len(a["vehicles"]) + len(a["pedestrians"]) + (a["light"] != "none") + (a["sign"] != "none")
+        assert set(labels) <= set(sd.DENSE_LABELS) - {"crosswalk"}
+        painted = {sd.DENSE_LABELS[k - 1] for k in np.unique(sd.dense_labels(ann)) if k} - {"crosswalk"}
+        assert painted <= set(labels)  # a fully hidden object paints nothing
+        assert labels.count("person on crosswalk") == sum(p["on_crosswalk"] for p in a["pedestrians"])

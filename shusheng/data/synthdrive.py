@@ -79,6 +79,7 @@ __all__ = [
     "TRAIN_SEED",
     "VAL_SEED",
     "DENSE_LABELS",
+    "object_labels",
     "Annotation",
     "SynthDrive",
     "answer",
@@ -492,6 +493,16 @@ def dense_labels(annotation: Annotation) -> np.ndarray:
         table[SIGN_ID] = _DENSE_INDEX[f"sign {a['sign']}"]
     out = table[inst]
     out[(inst == 0) & (annotation.semantic == CLASSES.index("crosswalk"))] = _DENSE_INDEX["crosswalk"]
+    return out
+
+
+def object_labels(attributes: dict[str, Any]) -> list[str]:
+    """The :data:`DENSE_LABELS` of a scene's described objects, one per object (crosswalk stripes, which are not an
+    object, excluded): what a perfect dense head or detector would report, e.g. to score evidence counts."""
+    a = attributes
+    out = [f"{v['color']} {v['type']}" for v in a["vehicles"]]
+    out += ["person on crosswalk" if p["on_crosswalk"] else "person on sidewalk" for p in a["pedestrians"]]
+    out += [f"light {a['light']}"] * (a["light"] != "none") + [f"sign {a['sign']}"] * (a["sign"] != "none")
     return out
 
 

@@ -12,8 +12,9 @@ looks different at night, at dusk or in fog. The head therefore reads the pixels
 (mean, spread and quartiles of R, G, B) together with the whole image's mean and spread (the light the scene was
 rendered in), and a two-layer MLP maps those 24 numbers to one of SynthDrive's vehicle colours.
 
-It is fitted on ground-truth masks of SynthDrive training scenes (rendered at several sizes) and validated on
-validation scenes: ``shusheng train colors --model DIR`` writes ``colors.safetensors`` into a detector folder,
+It is fitted on SynthDrive training scenes (rendered at several sizes), on the ground-truth masks, the detector's
+own masks (the pixels it reads in use: a predicted mask at night takes in road and shadow) or both, and validated
+on validation scenes: ``shusheng train colors --model DIR`` writes ``colors.safetensors`` into a detector folder,
 and :class:`~shusheng.detection.pipelines.DetectionPipeline` then reports a ``color`` (with ``color_score``) for
 every car, truck and bus it finds with a mask (Mask R-CNN). It knows SynthDrive's flat paints only; on
 photographs its colours mean little (the pipeline's ``in_domain`` says when an image is unlike the scenes).
@@ -33,7 +34,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLOR_FILE", "N_FEATURES", "ColorHead", "fit_color_head", "region_features", "scene_color_samples"]
+__all__ = ["COLOR_FILE", "MASK_SOURCES", "N_FEATURES", "ColorHead", "fit_color_head", "region_features", "scene_color_samples"]
 
 #: file name of a colour head inside a detector folder
 COLOR_FILE = "colors.safetensors"
@@ -148,39 +149,83 @@ class ColorHead(nn.Module):
         return head.eval()
 
 
+#: a detected mask stands for a true vehicle (and takes its colour) when they overlap at least this much (IoU)
+MATCH_IOU = 0.3
+#: where :func:`scene_color_samples` takes each vehicle's pixels from
+MASK_SOURCES = ("truth", "detector", "both")
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
 def scene_color_samples(seed: int, indices: Sequence[int], sizes: Sequence[int] = (128,),
-                        progress: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Region features and colour names of every vehicle (ground-truth masks) in SynthDrive scenes
-    ``indices`` of split ``seed``, scene ``i`` rendered at ``sizes[i % len(sizes)]``."""
+                        progress: bool = False, detector: Any = None, masks: str = "truth"
+                        ) -> tuple[np.ndarray, list[str]]:
+    """Region features and colour names of every vehicle in SynthDrive scenes ``indices`` of split ``seed``, scene
+    ``i`` rendered at ``sizes[i % len(sizes)]``.
+
+    Args:
+        detector: a Mask R-CNN :class:`~shusheng.detection.model.InternImageDetector` (eval mode), needed unless
+            ``masks="truth"``.
+        masks: ``"truth"``: the ground-truth masks; ``"detector"``: the detector's masks of the vehicles it finds
+            (each detected car, truck or bus mask overlapping a true vehicle's by at least :data:`MATCH_IOU`,
+            the best one, with that vehicle's colour; missed vehicles give no sample), the pixels the head reads in
+            use; ``"both"``: one sample of each.
+    """
     from pycocotools import mask as mask_util
     from tqdm.auto import tqdm
 
     from shusheng.data import synthdrive as sd
 
+    if masks not in MASK_SOURCES:
+        raise ValueError(f"masks must be one of {MASK_SOURCES}, got {masks!r}")
+    if masks != "truth" and detector is None:
+        raise ValueError(f"masks={masks!r} needs a detector")
     rows, names = [], []
     for i in tqdm(list(indices), desc="scenes", disable=not progress, mininterval=5):
         img, ann = sd.sample(seed, int(i), int(sizes[int(i) % len(sizes)]))
         pixels = np.asarray(img)
+        found: list[np.ndarray] = []
+        if masks != "truth":
+            with torch.inference_mode():
+                r = detector([torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255])[0]
+            found = [(m[0] >= 0.5).cpu().numpy() for m, lab in zip(r["masks"], r["labels"])
+                     if detector.label_name(int(lab)) in APPLIES_TO]
         # SynthDrive lists the vehicles' objects first, in the order of attributes["vehicles"]
         for obj, v in zip(ann.objects, ann.attributes["vehicles"]):
-            rows.append(region_features(pixels, mask_util.decode(obj["segmentation"]).astype(bool)))
-            names.append(v["color"])
+            truth = mask_util.decode(obj["segmentation"]).astype(bool)
+            if masks != "detector":
+                rows.append(region_features(pixels, truth))
+                names.append(v["color"])
+            if found:
+                overlaps = [_mask_iou(truth, m) for m in found]
+                k = int(np.argmax(overlaps))
+                if overlaps[k] >= MATCH_IOU:
+                    rows.append(region_features(pixels, found[k]))
+                    names.append(v["color"])
     return np.stack(rows) if rows else np.zeros((0, N_FEATURES), np.float32), names
 
 
 def fit_color_head(n_scenes: int = 3000, sizes: Sequence[int] = (128, 256), val_n: int = 300, epochs: int = 150,
-                   hidden: int = 64, seed: int = 0, progress: bool = True) -> tuple[ColorHead, dict[str, Any]]:
+                   hidden: int = 64, seed: int = 0, progress: bool = True, detector: Any = None,
+                   masks: str = "truth") -> tuple[ColorHead, dict[str, Any]]:
     """Fit a :class:`ColorHead` on the vehicles of SynthDrive train scenes ``0..n_scenes-1`` and measure it on
-    val scenes ``0..val_n-1`` (rendered at the smallest of ``sizes``, the harder case). Returns the head (eval
-    mode) and ``{"train_vehicles", "val_vehicles", "val_accuracy", "val_accuracy_by_color", ...}``."""
+    val scenes ``0..val_n-1`` (rendered at the smallest of ``sizes``, the harder case). ``detector`` and
+    ``masks``: see :func:`scene_color_samples`; with a detector the val scenes are measured on its masks too
+    (``val_accuracy_detector_masks``: what the head meets in use). Returns the head (eval mode) and
+    ``{"train_vehicles", "val_vehicles", "val_accuracy", "val_accuracy_by_color", ...}``."""
     from shusheng.data import synthdrive as sd
     from shusheng.data.synthdrive_render import COLORS
 
     names = list(COLORS)
-    x, y = scene_color_samples(sd.TRAIN_SEED, range(n_scenes), sizes, progress)
+    x, y = scene_color_samples(sd.TRAIN_SEED, range(n_scenes), sizes, progress, detector, masks)
     xv, yv = scene_color_samples(sd.VAL_SEED, range(val_n), (min(sizes),), progress)
     if len(x) == 0:
-        raise ValueError("no vehicles in the training scenes: give more scenes")
+        raise ValueError("no vehicle samples in the training scenes: give more scenes"
+                         + (" (or a detector that finds the vehicles: masks='detector' keeps only those it found)"
+                            if masks == "detector" else ""))
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = ColorHead(names, hidden)
@@ -198,7 +243,7 @@ def fit_color_head(n_scenes: int = 3000, sizes: Sequence[int] = (128, 256), val_
             opt.step()
         sched.step()
     head.eval()
-    metrics: dict[str, Any] = {"train_scenes": n_scenes, "sizes": list(sizes), "train_vehicles": len(y),
+    metrics: dict[str, Any] = {"train_scenes": n_scenes, "sizes": list(sizes), "masks": masks, "train_vehicles": len(y),
                                "val_scenes": val_n, "val_vehicles": len(yv), "epochs": epochs, "seed": seed,
                                "final_loss": round(float(loss.detach()), 4)}
     if len(yv):
@@ -208,4 +253,11 @@ def fit_color_head(n_scenes: int = 3000, sizes: Sequence[int] = (128, 256), val_
         metrics["val_accuracy"] = round(float(np.mean(hits)), 4)
         metrics["val_accuracy_by_color"] = {c: round(float(np.mean([h for h, t in zip(hits, yv) if t == c])), 4)
                                             for c in names if c in yv}
+    if detector is not None:
+        xd, yd = scene_color_samples(sd.VAL_SEED, range(val_n), (min(sizes),), progress, detector, "detector")
+        if len(yd):
+            with torch.inference_mode():
+                pred = head(torch.from_numpy(xd)).argmax(-1).tolist()
+            metrics["val_vehicles_detected"] = len(yd)
+            metrics["val_accuracy_detector_masks"] = round(float(np.mean([names[p] == t for p, t in zip(pred, yd)])), 4)
     return head, metrics

@@ -186,6 +186,36 @@ class InternImageDetector(PretrainedMixin, nn.Module):
         """Name of torchvision label ``label`` (1-based)."""
         return self.config.labels[int(label) - 1]
 
+    def set_inference(self, score_threshold: float | None = None, proposals: int | None = None) -> InternImageDetector:
+        """Tighten inference without retraining (returns ``self``). ``config.score_threshold`` follows; the
+        proposal count is a run-time setting (``rpn_proposals`` stays the training value).
+
+        Args:
+            score_threshold: detections scoring no higher are dropped before NMS. Raising it to the lowest score
+                a caller keeps anyway changes none of the kept detections (a box is suppressed only by a better one)
+                and spares Mask R-CNN the masks of the rest.
+            proposals: Mask R-CNN's RPN proposals per image at inference (default ``rpn_proposals // 2``); the
+                RoI heads' cost grows with them. Fewer can lose objects: measure before choosing.
+        """
+        c = self.config
+        if score_threshold is not None:
+            if not 0.0 <= float(score_threshold) < 1.0:
+                raise ValueError(f"score_threshold must be in [0, 1), got {score_threshold}")
+            c.score_threshold = float(score_threshold)
+            if c.head == "fcos":
+                self.detector.score_thresh = c.score_threshold
+            else:
+                self.detector.roi_heads.score_thresh = c.score_threshold
+        if proposals is not None:
+            if c.head == "fcos":
+                raise ValueError("proposals are Mask R-CNN's (the RPN); an FCOS detector has none")
+            if int(proposals) < 1:
+                raise ValueError(f"proposals must be a positive integer, got {proposals}")
+            rpn = self.detector.rpn
+            rpn._pre_nms_top_n = {**rpn._pre_nms_top_n, "testing": max(int(proposals), rpn._pre_nms_top_n["testing"])}
+            rpn._post_nms_top_n = {**rpn._post_nms_top_n, "testing": int(proposals)}
+        return self
+
     def preprocess_config(self) -> Preprocess:
         # the detector resizes by itself (aspect kept); this records the mean/std and the shorter side
         return Preprocess(size=self.config.min_size, resize="shorter_crop", interpolation="bilinear",

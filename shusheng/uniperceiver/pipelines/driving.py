@@ -37,7 +37,9 @@ question over the frames of the last ``window_s`` seconds, which must come with 
 
 * ``changed``: ``yes`` when the answer to ``of`` at this frame differs from its answer at some frame of the window
   (answers listed in ``ignore``, e.g. "none" for no light in view, take part in no comparison);
-* ``entered``: ``yes`` when ``of`` is answered ``yes`` now and ``no`` at some frame of the window.
+* ``entered``: ``yes`` when ``of`` is answered ``yes`` now and, at some frame of the window, ``no`` or ``yes`` with
+  fewer evidence boxes (someone joined those already there). Without track identities, one person leaving as
+  another arrives goes unseen.
 
 Their score is the lowest score among the answers the rule compared.
 """
@@ -163,7 +165,7 @@ class TemporalWindow:
     def __init__(self, questions: Sequence[ChecklistQuestion]):
         self.temporal = [q for q in questions if q.is_temporal]
         self.span = max((float(q.temporal["window_s"]) for q in self.temporal), default=0.0)
-        self.history: deque[tuple[float, dict[str, tuple[str, float]]]] = deque()
+        self.history: deque[tuple[float, dict[str, tuple[str, float, int]]]] = deque()
 
     def push(self, time_s: float, answers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Record a frame's answers (``{id: {"answer", "score", "evidence"}}``) and answer the temporal questions
@@ -179,18 +181,25 @@ class TemporalWindow:
             past = [(t, a[of]) for t, a in self.history if time_s - t <= window + 1e-6 and of in a]
             ignore = set(q.temporal.get("ignore", ()))
             if q.temporal["rule"] == "changed":
-                compared = [(a, s) for _, (a, s) in past if a not in ignore] if now not in ignore else []
+                compared = [(a, s) for _, (a, s, _) in past if a not in ignore] if now not in ignore else []
                 hit = any(a != now for a, _ in compared)
-            else:  # entered
-                compared = [(a, s) for _, (a, s) in past] if now == "yes" else []
-                hit = any(a == "no" for a, _ in compared)
+            else:  # entered: answered yes now, and no or with fewer evidence boxes at some frame of the window
+                n_now = _present(now, answers[of].get("evidence", ()))
+                compared = [(a, s) for _, (a, s, _) in past] if now == "yes" else []
+                hit = now == "yes" and any(n < n_now for _, (_, _, n) in past)
             scores = [now_score] + [s for _, s in compared]
             out[q.id] = {"answer": "yes" if hit else "no", "score": float(min(scores)),
                          "evidence": list(answers[of].get("evidence", [])), "frames": len(compared)}
-        self.history.append((time_s, {k: (v["answer"], float(v["score"])) for k, v in answers.items()}))
+        self.history.append((time_s, {k: (v["answer"], float(v["score"]), _present(v["answer"], v.get("evidence", ())))
+                                      for k, v in answers.items()}))
         while self.history and time_s - self.history[0][0] > self.span + 1e-6:
             self.history.popleft()
         return out
+
+
+def _present(answer: str, evidence: Sequence[Any]) -> int:
+    """How many are there, for the ``entered`` rule: 0 for a "no", else the evidence boxes (at least 1)."""
+    return max(1, len(evidence)) if answer == "yes" else 0
 
 
 @dataclass(kw_only=True)
@@ -212,7 +221,11 @@ class DrivingChecklist:
         threshold: dense-head cell threshold for evidence boxes.
         detector: an :class:`~shusheng.detection.model.InternImageDetector` whose labels include car, truck and
             bus: vehicle evidence then comes from its boxes (see the module docstring). None: the dense head's.
-        detector_threshold: lowest detection score kept as evidence.
+        detector_threshold: lowest detection score kept as evidence (the detector stops there too, so it
+            computes no masks for what would be dropped).
+        detector_proposals: Mask R-CNN's RPN proposals per frame (None: the detector's own setting;
+            :meth:`from_pretrained` uses :data:`CHECKLIST_PROPOSALS`). A driving frame holds a few objects; the RoI
+            heads' cost grows with the proposals. The detector given is set up in place (it is shared, not copied).
         color_head: a :class:`~shusheng.detection.colors.ColorHead` for the detector (a Mask R-CNN): the detected
             vehicles' colours are then read from their masks, and ``"answer_from": "evidence"`` questions
             (``nearest_vehicle``) take the detector's boxes (see the module docstring).
@@ -220,7 +233,7 @@ class DrivingChecklist:
 
     def __init__(self, vqa: VQAPipeline, questions: Sequence[ChecklistQuestion] | None = None,
                  threshold: float = 0.5, detector: Any = None, detector_threshold: float = 0.5,
-                 color_head: Any = None):
+                 color_head: Any = None, detector_proposals: int | None = None):
         if not hasattr(vqa.model.image.backbone, "features_and_dense"):
             raise ValueError("the model's image backbone has no dense object head: evidence boxes need one "
                              "(e.g. the bundled shusheng-mini-uniperceiver)")
@@ -241,6 +254,11 @@ class DrivingChecklist:
             if missing:
                 raise ValueError(f"the detector does not find {missing}: vehicle evidence needs car, truck and bus")
             detector.eval()
+            # the checklist's settings are written into the detector it is given (it shares the object); a
+            # detector without inference settings is used as it is
+            if hasattr(detector, "set_inference"):
+                detector.set_inference(score_threshold=self.detector_threshold,
+                                       proposals=None if detector.config.head == "fcos" else detector_proposals)
             pre = vqa.model.preprocess_config() if hasattr(vqa.model, "preprocess_config") else None
             mean, std = (pre.mean, pre.std) if pre is not None else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
             self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -256,6 +274,7 @@ class DrivingChecklist:
         installed, else none) or None (dense-head evidence)."""
         det = load_detector(detector)
         kwargs.setdefault("color_head", load_color_head(detector) if det is not None else None)
+        kwargs.setdefault("detector_proposals", CHECKLIST_PROPOSALS)
         return cls(VQAPipeline.from_pretrained(path), load_checklist(questions), detector=det, **kwargs)
 
     def window(self) -> TemporalWindow:
@@ -290,7 +309,8 @@ class DrivingChecklist:
                        scale: tuple[float, float]) -> list[dict[str, Any]]:
         """Detected vehicles as evidence boxes in image pixels, labelled "<colour> <type>": the type is the
         detector's, the colour the colour head's (from the mask) or else the one whose dense label of that type is
-        most probable inside the box."""
+        most probable inside the box. (People stay the dense head's: on the val drives, detected people labelled by
+        the dense head told who stepped onto a crosswalk worse, balanced accuracy 0.658 against 0.740.)"""
         from shusheng.data.synthdrive_render import VEHICLE_TYPES
 
         gh, gw = prob.shape[1:]
@@ -363,11 +383,13 @@ class DrivingChecklist:
                     scale = (batch.sizes[j][0] / batch.pixels.shape[-1], batch.sizes[j][1] / batch.pixels.shape[-2])
                     counted = [b for b in boxes if b["group"] != "vehicle"] + self._vehicle_boxes(
                         found[j], prob[j], batch.pixels.shape[-2:], scale)
+                # the nearest vehicle: from the detector's boxes when a colour head names their colours
+                nearest_pool = counted if self.color_head is not None else boxes
                 res = {}
                 for q in self.frame_questions:
                     a, s = per_q[q.id][j]
                     if q.answer_from == "evidence":  # the label of the one box the rule picks, if any
-                        picked = self._evidence(q, "", counted if self.color_head is not None else boxes)
+                        picked = self._evidence(q, "", nearest_pool)
                         if picked and picked[0]["label"] in q.answers:
                             a, s = picked[0]["label"], picked[0]["score"]
                         elif not picked:
@@ -376,8 +398,9 @@ class DrivingChecklist:
                         n_found = len(self._evidence(q, "", counted))
                         a = str(min(n_found, max(int(x) for x in q.answers)))
                         s = float(per_q_count[q.id][j][q.answers.index(a)])
-                    used = counted if q.answer_from == "count" or (
-                        q.answer_from == "evidence" and self.color_head is not None) else boxes
+                    # with a detector its boxes are the evidence, except for the nearest vehicle without a colour
+                    # head (the dense head named it better than detector boxes with dense-head colours)
+                    used = nearest_pool if q.answer_from == "evidence" else counted
                     res[q.id] = {"answer": a, "score": s, "evidence": self._evidence(q, a, used)}
                 out["results"][i] = res
                 out["detections"][i] = [{k: v for k, v in b.items() if k != "group"} for b in boxes]
@@ -413,6 +436,10 @@ def _detector_folder(source: str | Path | None) -> str | Path | None:
     except BundledWeightsNotFound:
         return None
 
+
+#: RPN proposals per frame for a checklist's Mask R-CNN (:meth:`DrivingChecklist.from_pretrained`); the bundled
+#: detector's own inference setting is 250. Chosen on the val drives (``bench/drive_qa.py --split val``).
+CHECKLIST_PROPOSALS = 100
 
 #: for "nearest", detected vehicles overlapping more than this (IoU) are one vehicle found under two types
 #: (torchvision suppresses per class); counting keeps them (occluded vehicles overlap too). Chosen on the val drives
