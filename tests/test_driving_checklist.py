@@ -48,6 +48,9 @@ def test_default_question_set_covers_the_driving_checklist():
     ([{"id": "a", "question": "Q?", "answers": ["red car", "none"], "answer_from": "evidence"}], "needs evidence_rule"),
     ([{"id": "a", "question": "Q?", "answers": ["none"], "answer_from": "detector"}], "answer_from must be"),
     ([{"id": "a", "question": "Q?", "answers": ["few", "many"], "answer_from": "count"}], "answer_from 'count'"),
+    ([{"id": "a", "question": "Q?", "answers": ["red car", "none"], "track_s": 1.0}], "track_s follows"),
+    ([{"id": "a", "question": "Q?", "answers": ["red car", "none"], "evidence_rule": "nearest",
+       "answer_from": "evidence", "track_s": -1}], "track_s must be"),
 ])
 def test_malformed_question_files_are_refused_with_the_reason(tmp_path, questions, message):
     f = tmp_path / "q.json"
@@ -100,6 +103,30 @@ def test_pedestrian_entering_counts_who_is_there():
     win = TemporalWindow(load_checklist())
     win.push(0.0, {"crosswalk_pedestrians": {"answer": "no", "score": 0.9, "evidence": [person] * 3}})
     assert win.push(0.5, {"crosswalk_pedestrians": _a("yes")})["pedestrian_entering"]["answer"] == "yes"
+
+
+def _near(label, box, score=0.9):
+    return {"answer": label, "score": score, "evidence": [{"box": box, "label": label, "score": score}]}
+
+
+def test_tracked_nearest_vehicle_is_the_vote_along_its_box_track():
+    """track_s: the label with the largest summed score along the chain of overlapping boxes of the last second;
+    a box that jumps elsewhere or an older frame ends the track; the evidence stays the frame's own box."""
+    qs = load_checklist()
+    assert next(q for q in qs if q.id == "nearest_vehicle").track_s == 1.0
+    win = TemporalWindow(qs)
+    seq = [(0.0, _near("red car", [10, 10, 20, 10])), (0.25, _near("red car", [11, 11, 20, 10])),
+           (0.5, _near("black car", [12, 12, 20, 10], 0.8)),         # outvoted: red 1.8 against black 0.8
+           (0.75, _near("black car", [80, 60, 20, 10], 0.8)),        # elsewhere: a new track
+           (2.0, _near("black car", [80, 60, 20, 10], 0.8)),         # 1.25 s later: alone again
+           (2.1, {"answer": "none", "score": 0.7, "evidence": []})]
+    got = []
+    for t, a in seq:
+        win.push(t, {"nearest_vehicle": a})
+        got.append((a["answer"], a["score"], a["evidence"][0]["label"] if a["evidence"] else None))
+    assert [g[0] for g in got] == ["red car", "red car", "red car", "black car", "black car", "none"]
+    assert got[2][1] == pytest.approx(1.8 / 2.6, abs=1e-4) and got[2][2] == "black car"
+    assert got[3][1] == pytest.approx(1.0) and got[5][1] == 0.7
 
 
 def _line(**kw):

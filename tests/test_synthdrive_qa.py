@@ -230,3 +230,55 @@ def test_nearest_vehicle_is_the_lowest_box():
     assert g.nearest_vehicle({"vehicles": []}) is None
     with pytest.raises(ValueError, match="no cell"):
         g.grid_answer("crosswalk", "open", {})
+
+
+def _words(t: str) -> list[str]:
+    return re.sub(r"[^a-z0-9{} ]", " ", t.lower()).split()
+
+
+def _edit(a: list[str], b: list[str]) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def test_added_training_wordings_stay_clear_of_the_test_pool_and_fill():
+    """The stop-29 wordings: none within two words (or a quarter of its length) of any test wording, each uses only
+    slots its cell fills, and every one turns into a question with its answer."""
+    from shusheng.data.synthdrive_qa_extra import EXTRA_CELLS, EXTRA_STOP_YESNO, EXTRA_WEATHER_YESNO
+
+    tests = {t for cell in g.CELLS for p in ([{}] if cell.name not in ("weather/yesno", "stop/yesno") else
+                                              [{"value": "rain"}, {"value": "fog"}, {"value": "clear"},
+                                               {"polarity": True}, {"polarity": False}])
+             for t in g.wording_pool(cell, "test", p)}
+    extra = [t for ts in (*EXTRA_CELLS.values(), *EXTRA_WEATHER_YESNO.values(), *EXTRA_STOP_YESNO.values())
+             for t in ts]
+    assert len(extra) > 300
+    for t in extra:
+        close = [u for u in tests if _edit(_words(t), _words(u)) <= max(2, len(_words(u)) // 4)]
+        assert not close, (t, close)
+    generic = {"image", "ego", "light", "peds", "vehicles", "vehicle"}
+    for key, more in EXTRA_CELLS.items():
+        fact, form = key.split("/")
+        cell = g.Cell(fact, form)
+        base = set(g.wording_pool(cell, "train")) - set(more)
+        own = {n for t in base for _, n, _, _ in string.Formatter().parse(t) if n}
+        for t in more:
+            assert t in g.wording_pool(cell, "train")
+            used = {n for _, n, _, _ in string.Formatter().parse(t) if n}
+            assert used <= own | generic, (key, t, used - own - generic)
+    # every training wording of every cell becomes a question about some scene
+    rng = np.random.default_rng(0)
+    scenes = [sd.sample(sd.VAL_SEED, i)[1].attributes for i in range(40)]
+    for cell in g.CELLS:
+        for a in scenes:
+            params = g._draw_params(cell, a, rng)
+            if params is not None:
+                break
+        assert params is not None, cell.name
+        for t in g.wording_pool(cell, "train", params):
+            text = t.format(**g._fill(cell, params, rng))
+            assert "{" not in text and text.endswith(("?", ".")), (cell.name, text)

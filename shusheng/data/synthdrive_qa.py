@@ -286,6 +286,22 @@ _STOP_YESNO = {
                "Is {ego} allowed to drive on?"),
               ("Can I go ahead?", "Is it okay to keep going?", "Are we clear to drive on?")),
 }
+
+
+def _add_training_wordings() -> None:
+    """Append :mod:`synthdrive_qa_extra`'s wordings (stop 29, written blind to the test pool) to the train pools."""
+    from shusheng.data.synthdrive_qa_extra import EXTRA_CELLS, EXTRA_STOP_YESNO, EXTRA_WEATHER_YESNO
+
+    for key, more in EXTRA_CELLS.items():
+        fact, form = key.split("/")
+        _WORDINGS[fact][form] = {**_WORDINGS[fact][form], "train": _WORDINGS[fact][form]["train"] + tuple(more)}
+    for value, more in EXTRA_WEATHER_YESNO.items():
+        _WEATHER_YESNO[value] = {**_WEATHER_YESNO[value], "train": _WEATHER_YESNO[value]["train"] + tuple(more)}
+    for polarity, more in EXTRA_STOP_YESNO.items():
+        _STOP_YESNO[polarity] = {**_STOP_YESNO[polarity], "train": _STOP_YESNO[polarity]["train"] + tuple(more)}
+
+
+_add_training_wordings()
 _WEATHER_NEG = {"rain": "rain", "fog": "fog"}  # "Is there no rain?"; clear weather has no negated wording
 _PLACE_WORDS = {"crosswalk": ("crosswalk", "zebra crossing"), "sidewalk": ("sidewalk", "pavement")}
 

@@ -42,6 +42,12 @@ question over the frames of the last ``window_s`` seconds, which must come with 
   another arrives goes unseen.
 
 Their score is the lowest score among the answers the rule compared.
+
+**Tracks** (``"track_s": seconds`` on an ``"answer_from": "evidence"`` question, videos only): the answer's box
+is followed back through the frames of the last ``track_s`` seconds, each step to the box of the frame before
+that overlaps it (IoU >= :data:`TRACK_IOU`), and the answer becomes the label with the largest summed box score on
+that track. A colour misread in a frame or two is outvoted; the evidence stays the frame's own box. The default
+set tracks the nearest vehicle over 1 s (val drives: 0.830 -> 0.858).
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ class ChecklistQuestion:
     truth: dict[str, Any] | None = None
     numeric: bool = False
     answer_from: str = "decoder"
+    track_s: float = 0.0
 
     @property
     def is_temporal(self) -> bool:
@@ -138,8 +145,13 @@ def load_checklist(path: str | Path | None = None) -> list[ChecklistQuestion]:
             raise ValueError(f"{where}: answer_from 'evidence' needs evidence_rule 'nearest' and a 'none' answer")
         if source == "count" and (rule != "all" or not all(a.isdigit() for a in answers) or "0" not in answers):
             raise ValueError(f"{where}: answer_from 'count' needs evidence_rule 'all' and the answers '0', '1', ...")
+        track = q.get("track_s", 0.0)
+        if not isinstance(track, (int, float)) or isinstance(track, bool) or track < 0:
+            raise ValueError(f"{where}: track_s must be a number of seconds >= 0, got {track!r}")
+        if track and source != "evidence":
+            raise ValueError(f"{where}: track_s follows the one box of an answer_from 'evidence' question")
         out.append(ChecklistQuestion(q["id"], q["question"], tuple(answers), tuple(q.get("evidence", ())), rule,
-                                     temporal, q.get("truth"), bool(q.get("numeric", False)), source))
+                                     temporal, q.get("truth"), bool(q.get("numeric", False)), source, float(track)))
     ids = [q.id for q in out]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: question ids must be unique, got {ids}")
@@ -164,14 +176,21 @@ class TemporalWindow:
 
     def __init__(self, questions: Sequence[ChecklistQuestion]):
         self.temporal = [q for q in questions if q.is_temporal]
-        self.span = max((float(q.temporal["window_s"]) for q in self.temporal), default=0.0)
+        self.tracked = [q for q in questions if q.track_s > 0]
+        self.span = max([float(q.temporal["window_s"]) for q in self.temporal] + [q.track_s for q in self.tracked],
+                        default=0.0)
         self.history: deque[tuple[float, dict[str, tuple[str, float, int]]]] = deque()
+        self.boxes: deque[tuple[float, dict[str, dict[str, Any] | None]]] = deque()  # tracked questions' boxes
 
     def push(self, time_s: float, answers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Record a frame's answers (``{id: {"answer", "score", "evidence"}}``) and answer the temporal questions
-        at this frame: ``{id: {"answer", "score", "evidence", "frames"}}`` (``frames``: window frames compared)."""
+        at this frame: ``{id: {"answer", "score", "evidence", "frames"}}`` (``frames``: window frames compared).
+        The answers of ``track_s`` questions are revised in place first (:meth:`_vote`)."""
         if self.history and time_s < self.history[-1][0]:
             raise ValueError(f"frames must come in time order: {time_s} after {self.history[-1][0]}")
+        for q in self.tracked:
+            if q.id in answers:
+                answers[q.id].update(self._vote(q, time_s, answers[q.id]))
         out = {}
         for q in self.temporal:
             of, window = q.temporal["of"], float(q.temporal["window_s"])
@@ -192,9 +211,39 @@ class TemporalWindow:
                          "evidence": list(answers[of].get("evidence", [])), "frames": len(compared)}
         self.history.append((time_s, {k: (v["answer"], float(v["score"]), _present(v["answer"], v.get("evidence", ())))
                                       for k, v in answers.items()}))
+        self.boxes.append((time_s, {q.id: _first_box(answers[q.id]) for q in self.tracked if q.id in answers}))
         while self.history and time_s - self.history[0][0] > self.span + 1e-6:
             self.history.popleft()
+        while self.boxes and time_s - self.boxes[0][0] > self.span + 1e-6:
+            self.boxes.popleft()
         return out
+
+    def _vote(self, q: ChecklistQuestion, time_s: float, now: dict[str, Any]) -> dict[str, Any]:
+        """``track_s``: follow the answer's box back through the frames of the last ``track_s`` seconds (each
+        step to a box overlapping the previous one by IoU >= :data:`TRACK_IOU`) and answer the label with the
+        largest summed box score on that track (the score: its share of the track's). The labels voting are the
+        boxes' own (``evidence[0]["label"]``), so a resumed window rebuilds the same votes from the output."""
+        first = _first_box(now)
+        if now["answer"] == "none" or first is None:
+            return {}  # nothing to follow (the scorer's true answers carry labels only)
+        votes: dict[str, float] = {first["label"]: float(first["score"])}
+        box = first["box"]
+        for t, past in reversed(self.boxes):
+            b = past.get(q.id)
+            if time_s - t > q.track_s + 1e-6 or b is None or _iou(box, b["box"]) < TRACK_IOU:
+                break
+            votes[b["label"]] = votes.get(b["label"], 0.0) + float(b["score"])
+            box = b["box"]
+        best = max(sorted(votes), key=lambda k: votes[k])
+        if best not in q.answers:
+            return {}
+        return {"answer": best, "score": round(votes[best] / sum(votes.values()), 4)}
+
+
+def _first_box(answer: dict[str, Any]) -> dict[str, Any] | None:
+    """The first evidence box of an answer (None without one, or when evidence carries labels only)."""
+    ev = answer.get("evidence") or []
+    return ev[0] if ev and isinstance(ev[0], dict) and "box" in ev[0] else None
 
 
 def _present(answer: str, evidence: Sequence[Any]) -> int:
@@ -440,6 +489,9 @@ def _detector_folder(source: str | Path | None) -> str | Path | None:
 #: RPN proposals per frame for a checklist's Mask R-CNN (:meth:`DrivingChecklist.from_pretrained`); the bundled
 #: detector's own inference setting is 250. Chosen on the val drives (``bench/drive_qa.py --split val``).
 CHECKLIST_PROPOSALS = 100
+
+#: ``track_s``: a box continues a track when it overlaps the track's next box by at least this (IoU)
+TRACK_IOU = 0.3
 
 #: for "nearest", detected vehicles overlapping more than this (IoU) are one vehicle found under two types
 #: (torchvision suppresses per class); counting keeps them (occluded vehicles overlap too). Chosen on the val drives
