@@ -179,8 +179,8 @@ class TemporalWindow:
         self.tracked = [q for q in questions if q.track_s > 0]
         self.span = max([float(q.temporal["window_s"]) for q in self.temporal] + [q.track_s for q in self.tracked],
                         default=0.0)
-        self.history: deque[tuple[float, dict[str, tuple[str, float, int]]]] = deque()
-        self.boxes: deque[tuple[float, dict[str, dict[str, Any] | None]]] = deque()  # tracked questions' boxes
+        # per frame: {id: (answer, score, how many are there (entered), first evidence box (tracks))}
+        self.history: deque[tuple[float, dict[str, tuple[str, float, int, dict[str, Any] | None]]]] = deque()
 
     def push(self, time_s: float, answers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Record a frame's answers (``{id: {"answer", "score", "evidence"}}``) and answer the temporal questions
@@ -200,22 +200,19 @@ class TemporalWindow:
             past = [(t, a[of]) for t, a in self.history if time_s - t <= window + 1e-6 and of in a]
             ignore = set(q.temporal.get("ignore", ()))
             if q.temporal["rule"] == "changed":
-                compared = [(a, s) for _, (a, s, _) in past if a not in ignore] if now not in ignore else []
+                compared = [(a, s) for _, (a, s, *_) in past if a not in ignore] if now not in ignore else []
                 hit = any(a != now for a, _ in compared)
             else:  # entered: answered yes now, and no or with fewer evidence boxes at some frame of the window
                 n_now = _present(now, answers[of].get("evidence", ()))
-                compared = [(a, s) for _, (a, s, _) in past] if now == "yes" else []
-                hit = now == "yes" and any(n < n_now for _, (_, _, n) in past)
+                compared = [(a, s) for _, (a, s, *_) in past] if now == "yes" else []
+                hit = now == "yes" and any(n < n_now for _, (_, _, n, _) in past)
             scores = [now_score] + [s for _, s in compared]
             out[q.id] = {"answer": "yes" if hit else "no", "score": float(min(scores)),
                          "evidence": list(answers[of].get("evidence", [])), "frames": len(compared)}
-        self.history.append((time_s, {k: (v["answer"], float(v["score"]), _present(v["answer"], v.get("evidence", ())))
-                                      for k, v in answers.items()}))
-        self.boxes.append((time_s, {q.id: _first_box(answers[q.id]) for q in self.tracked if q.id in answers}))
+        self.history.append((time_s, {k: (v["answer"], float(v["score"]), _present(v["answer"], v.get("evidence", ())),
+                                          _first_box(v)) for k, v in answers.items()}))
         while self.history and time_s - self.history[0][0] > self.span + 1e-6:
             self.history.popleft()
-        while self.boxes and time_s - self.boxes[0][0] > self.span + 1e-6:
-            self.boxes.popleft()
         return out
 
     def _vote(self, q: ChecklistQuestion, time_s: float, now: dict[str, Any]) -> dict[str, Any]:
@@ -228,8 +225,8 @@ class TemporalWindow:
             return {}  # nothing to follow (the scorer's true answers carry labels only)
         votes: dict[str, float] = {first["label"]: float(first["score"])}
         box = first["box"]
-        for t, past in reversed(self.boxes):
-            b = past.get(q.id)
+        for t, past in reversed(self.history):
+            b = past[q.id][3] if q.id in past else None
             if time_s - t > q.track_s + 1e-6 or b is None or _iou(box, b["box"]) < TRACK_IOU:
                 break
             votes[b["label"]] = votes.get(b["label"], 0.0) + float(b["score"])
