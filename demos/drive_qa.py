@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 last_done = -1
                 for (idx, t), answers in sorted(prev.items()):
                     if all((name, idx, q.id) in done for q in questions):  # only the last frame can be partial
-                        window.push(t, {k: v for k, v in answers.items() if k in frame_ids})
+                        # the temporal answers' evidence holds the boxes their rules look back at
+                        boxes = [b for k, v in answers.items() if k not in frame_ids for b in v["evidence"]]
+                        window.push(t, {k: v for k, v in answers.items() if k in frame_ids}, boxes=boxes)
                         last_done = idx
                 try:
                     frames = iter_video_frames(src, every=args.every)

@@ -79,16 +79,26 @@ def true_answer(q, rec: dict) -> str:
     return grid_answer(fact, spec["form"], rec["attributes"], **params)
 
 
-def true_evidence(q, rec: dict) -> list[str]:
-    """The scene's objects that are evidence for question ``q`` (labels only: the ``entered`` rule counts them)."""
+def true_evidence(q, rec: dict) -> list:
+    """The scene's objects that are evidence for question ``q``: labels (the ``entered`` rule counts them), and
+    ``{"box", "label"}`` for people (it also follows where each one was)."""
     from shusheng.data.synthdrive import object_labels
     from shusheng.data.synthdrive_render import VEHICLE_TYPES
 
     def is_vehicle(label: str) -> bool:
         return label.split(" ")[-1] in VEHICLE_TYPES
 
-    return [lab for lab in object_labels(rec["attributes"])
-            if any(lab == e or (e == "vehicle" and is_vehicle(lab)) for e in q.evidence)]
+    people = true_boxes(rec)
+    labels = [lab for lab in object_labels(rec["attributes"]) if not lab.startswith("person ")]
+    return [x for x in labels + people if any((x["label"] if isinstance(x, dict) else x) == e
+                                                or (e == "vehicle" and isinstance(x, str) and is_vehicle(x))
+                                                for e in q.evidence)]
+
+
+def true_boxes(rec: dict) -> list[dict]:
+    """The scene's people as labelled boxes (``{"box", "label"}``), for rules that look at where someone was."""
+    return [{"box": p["box"], "label": "person on crosswalk" if p["on_crosswalk"] else "person on sidewalk"}
+            for p in rec["attributes"]["pedestrians"]]
 
 
 def correct(q, answer: str | None, truth: str, tolerance: float) -> bool:
@@ -148,7 +158,8 @@ def score(results: Path, truth_dir: Path, questions_file: str | None = None, eve
         for idx in sorted(frames):
             rec = truth[(key, idx)]
             got = win.push(rec["time_s"], {q.id: {"answer": true_answer(q, rec), "score": 1.0,
-                                                  "evidence": true_evidence(q, rec)} for q in frame_qs})
+                                                  "evidence": true_evidence(q, rec)} for q in frame_qs},
+                           boxes=true_boxes(rec))
             for qid, v in got.items():
                 upper[(key, idx, qid)] = v["answer"]
 

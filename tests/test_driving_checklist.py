@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from shusheng.uniperceiver.pipelines.driving import (
@@ -43,6 +44,14 @@ def test_default_question_set_covers_the_driving_checklist():
     ([{"id": "a", "question": "Q?", "answers": ["red", "green"]},
       {"id": "t", "question": "Q?", "answers": ["yes", "no"], "temporal": {"rule": "entered", "of": "a",
                                                                            "window_s": 1}}], "yes/no question"),
+    ([{"id": "a", "question": "Q?", "answers": ["yes", "no"]},
+      {"id": "t", "question": "Q?", "answers": ["yes", "no"], "temporal": {"rule": "entered", "of": "a",
+                                                                           "window_s": 1, "from": "sidewalk"}}],
+     "'from' must be a list"),
+    ([{"id": "a", "question": "Q?", "answers": ["yes", "no"]},
+      {"id": "t", "question": "Q?", "answers": ["yes", "no"], "temporal": {"rule": "changed", "of": "a",
+                                                                           "window_s": 1, "from": ["x"]}}],
+     "'from' belongs to the 'entered' rule"),
     ([{"id": "a", "question": "Q?", "answers": ["yes"], "evidence_rule": "largest"}], "evidence_rule"),
     ([{"id": "a", "question": "Q?", "answers": "everything"}], "unknown answer set"),
     ([{"id": "a", "question": "Q?", "answers": ["red car", "none"], "answer_from": "evidence"}], "needs evidence_rule"),
@@ -103,6 +112,45 @@ def test_pedestrian_entering_counts_who_is_there():
     win = TemporalWindow(load_checklist())
     win.push(0.0, {"crosswalk_pedestrians": {"answer": "no", "score": 0.9, "evidence": [person] * 3}})
     assert win.push(0.5, {"crosswalk_pedestrians": _a("yes")})["pedestrian_entering"]["answer"] == "yes"
+
+
+def test_pedestrian_entering_sees_someone_step_from_the_sidewalk_while_others_are_there():
+    """``from``: a crosswalk box now that overlaps a sidewalk box of the last second is an entry even when the count
+    does not grow (one steps on as another steps off); a sidewalk box elsewhere or too long ago is not. The
+    evidence carries the frame's sidewalk boxes, so a window rebuilt from the output answers the same."""
+    qs = load_checklist()
+    entering = next(q for q in qs if q.id == "pedestrian_entering")
+    assert entering.temporal["from"] == ["person on sidewalk"]
+
+    def box(label, xywh):
+        return {"box": xywh, "label": label, "score": 0.9}
+
+    other = box("person on crosswalk", [60, 60, 8, 16])
+    walker_off, walker_on = box("person on sidewalk", [10, 60, 8, 16]), box("person on crosswalk", [12, 60, 8, 16])
+    far_off = box("person on sidewalk", [100, 60, 8, 16])
+    seq = [(0.0, [other], [walker_off, far_off]),     # one on the crosswalk, two on the sidewalk
+           (0.5, [walker_on], [far_off]),             # the walker stepped on as the other left: the count stays 1
+           (0.75, [walker_on], [far_off]),            # the walker's sidewalk box is still within the second
+           (1.75, [walker_on], [far_off]),            # 1.75 s after: no longer
+           (2.0, [box("person on crosswalk", [100, 90, 8, 16])], [])]  # appears below the far one: no overlap
+    outputs = []
+    for with_boxes in (True, False):
+        win = TemporalWindow(qs)
+        got = [win.push(t, {"crosswalk_pedestrians": {"answer": "yes", "score": 0.9, "evidence": on}},
+                        boxes=(on + off) if with_boxes else ()) for t, on, off in seq]
+        outputs.append([g["pedestrian_entering"]["answer"] for g in got])
+    assert outputs[0] == ["no", "yes", "yes", "no", "no"]
+    assert outputs[1] == ["no", "no", "no", "no", "no"]  # without the sidewalk boxes only the count rule is left
+    # the evidence: the crosswalk boxes and the frame's sidewalk boxes; pushed back, they rebuild the window
+    win = TemporalWindow(qs)
+    lines = [win.push(t, {"crosswalk_pedestrians": {"answer": "yes", "score": 0.9, "evidence": on}}, boxes=on + off)
+             for t, on, off in seq]
+    assert lines[0]["pedestrian_entering"]["evidence"] == [other, walker_off, far_off]
+    rebuilt = TemporalWindow(qs)
+    again = [rebuilt.push(t, {"crosswalk_pedestrians": {"answer": "yes", "score": 0.9, "evidence": on}},
+                          boxes=line["pedestrian_entering"]["evidence"])
+             for (t, on, _), line in zip(seq, lines)]
+    assert [g["pedestrian_entering"]["answer"] for g in again] == outputs[0]
 
 
 def _near(label, box, score=0.9):
@@ -234,22 +282,53 @@ class _FixedDetector:
 
 
 class _BlueHead:
-    """A stand-in colour head: every vehicle mask is blue; records the mask areas it was given."""
+    """A stand-in colour head: every vehicle mask is surely blue; records the mask areas it was given."""
 
     applies_to = ("car", "truck", "bus")
+    names = ["red", "blue", "green", "yellow", "white", "black", "silver", "orange"]
 
     def __init__(self):
         self.areas = []
 
-    def name_detections(self, pixels, labels, masks):  # the real head's selection, with this predict
+    def detection_probabilities(self, pixels, labels, masks):  # the real head's selection, with these probabilities
         from shusheng.detection.colors import ColorHead
 
-        return ColorHead.name_detections(self, pixels, labels, masks)
+        return ColorHead.detection_probabilities(self, pixels, labels, masks)
 
-    def predict(self, image, masks):
+    def probabilities(self, image, masks):
         assert image.dtype.name == "uint8" and image.shape[2] == 3
         self.areas.append(sorted(int(m.sum()) for m in masks))
-        return [("blue", 0.9) for _ in masks]
+        return np.array([[float(n == "blue") for n in self.names] for _ in masks])
+
+
+def test_vehicle_colour_is_the_product_of_the_colour_head_and_the_dense_head():
+    """The colour most probable under both heads: a hesitant colour head is overruled by a sure dense head, a sure
+    one is not; without the colour head's probabilities the dense head decides alone."""
+    from types import SimpleNamespace
+
+    from shusheng.data.synthdrive import DENSE_LABELS
+    from shusheng.uniperceiver.pipelines.driving import DrivingChecklist
+
+    names = _BlueHead.names
+    prob = np.zeros((len(DENSE_LABELS), 4, 4), np.float32)
+    prob[DENSE_LABELS.index("blue car"), 0:2, 0:2] = 0.6   # the dense head leans blue inside the box ...
+    prob[DENSE_LABELS.index("red car"), 1, 1] = 0.3
+    prob[DENSE_LABELS.index("green car"), 3, 3] = 0.99   # ... and is sure of green outside it (ignored)
+    det = SimpleNamespace(label_name=lambda k: ["car", "person"][k - 1])
+    me = SimpleNamespace(detector=det, detector_threshold=0.5, labels=DENSE_LABELS,
+                         color_head=SimpleNamespace(names=names))
+
+    def colour(head_probs):
+        found = {"boxes": np.array([[0.0, 0.0, 16.0, 16.0]]), "labels": np.array([1]), "scores": np.array([0.9]),
+                 "color_probs": [None if head_probs is None else np.array([head_probs.get(n, 0.0) for n in names])]}
+        (box,) = DrivingChecklist._vehicle_boxes(me, found, prob, (32, 32), (1.0, 1.0))
+        assert box["box"] == [0, 0, 16, 16] and box["group"] == "vehicle"
+        return box["label"]
+
+    assert colour({"red": 0.55, "blue": 0.4, "green": 0.05}) == "blue car"   # 0.22 * 0.3 < 0.4 * 0.6
+    assert colour({"red": 0.9, "blue": 0.1}) == "red car"                    # 0.9 * 0.3 > 0.1 * 0.6
+    assert colour({"green": 1.0}) == "green car"                             # the dense head saw no green here
+    assert colour(None) == "blue car"
 
 
 def test_a_detector_gives_the_vehicle_evidence_and_the_count():

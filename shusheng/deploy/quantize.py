@@ -8,6 +8,12 @@
   TensorRT's explicit quantisation needs.
 
 DCNv3's sampling (``GridSample``), the normalisations and the softmax stay in fp32 in both modes.
+
+Weights are quantised to 7 bits (ONNX Runtime's ``reduce_range``) in both modes. On x86 CPUs without VNNI (AVX2
+only) ONNX Runtime's uint8 x int8 kernels add pairs of products in 16-bit registers, which saturate with 8-bit
+weights: on such a machine the test backbone's int8 files came out with relative L2 errors of 0.21-0.57 against
+PyTorch (static) and 0.14-0.20 (dynamic); with 7-bit weights 0.033 and 0.019. A file runs wherever it is copied,
+so the narrower range is used everywhere rather than only where the quantising machine lacks VNNI.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def quantize_dynamic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     q = require("onnxruntime.quantization", extra="onnx", package="onnxruntime")
     with _quiet_hints():
         q.quantize_dynamic(os.fspath(src), os.fspath(dst), weight_type=q.QuantType.QInt8,
-                           op_types_to_quantize=["MatMul", "Gemm"])
+                           op_types_to_quantize=["MatMul", "Gemm"], reduce_range=True)
     return Path(dst)
 
 
@@ -93,7 +99,7 @@ def quantize_static(src: str | os.PathLike, dst: str | os.PathLike, calibration:
     with _quiet_hints():
         q.quantize_static(os.fspath(src), os.fspath(dst), _Reader(), quant_format=q.QuantFormat.QDQ,
                           activation_type=q.QuantType.QInt8 if symmetric else q.QuantType.QUInt8,
-                          weight_type=q.QuantType.QInt8, per_channel=per_channel,
+                          weight_type=q.QuantType.QInt8, per_channel=per_channel, reduce_range=True,
                           op_types_to_quantize=list(QUANTIZED_OPS),
                           calibrate_method=q.CalibrationMethod.MinMax,
                           extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})

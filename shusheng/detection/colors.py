@@ -87,18 +87,21 @@ class ColorHead(nn.Module):
         return self.net((features - self.shift) / self.scale)
 
     @torch.inference_mode()
+    def probabilities(self, image: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+        """``(regions, colours)`` probabilities (columns in the order of :attr:`names`) of each region of
+        ``image`` (``(H, W, 3)`` uint8) given as a mask."""
+        if not len(masks):
+            return np.zeros((0, len(self.names)), np.float32)
+        x = torch.from_numpy(np.stack([region_features(image, m) for m in masks]))
+        return self(x).softmax(-1).numpy()
+
     def predict(self, image: np.ndarray, masks: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         """``(colour, probability)`` of each region of ``image`` (``(H, W, 3)`` uint8) given as a mask."""
-        if not len(masks):
-            return []
-        x = torch.from_numpy(np.stack([region_features(image, m) for m in masks]))
-        p = self(x).softmax(-1)
-        best = p.max(-1)
-        return [(self.names[int(j)], round(float(v), 4)) for v, j in zip(best.values, best.indices)]
+        return [(self.names[int(p.argmax())], round(float(p.max()), 4)) for p in self.probabilities(image, masks)]
 
-    @torch.inference_mode()
-    def name_detections(self, pixels: Any, labels: Sequence[str], masks: Any) -> list[tuple[str, float] | None]:
-        """``(colour, probability)`` of each detection whose label the head applies to, None for the others.
+    def detection_probabilities(self, pixels: Any, labels: Sequence[str], masks: Any) -> list[np.ndarray | None]:
+        """The colour probabilities (:meth:`probabilities`) of each detection whose label the head applies to,
+        None for the others.
 
         Args:
             pixels: the image the detector saw, ``(3, H, W)`` in [0, 1] (tensor or array).
@@ -106,13 +109,19 @@ class ColorHead(nn.Module):
             masks: the detections' ``(N, 1, H, W)`` mask probabilities (thresholded at 0.5).
         """
         rows = [k for k, name in enumerate(labels) if name in self.applies_to]
-        named: list[tuple[str, float] | None] = [None] * len(labels)
+        out: list[np.ndarray | None] = [None] * len(labels)
         if rows:
             img = torch.as_tensor(pixels).float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
             probs = torch.as_tensor(masks)
-            for k, c in zip(rows, self.predict(img, [(probs[k, 0] >= 0.5).cpu().numpy() for k in rows])):
-                named[k] = c
-        return named
+            for k, p in zip(rows, self.probabilities(img, [(probs[k, 0] >= 0.5).cpu().numpy() for k in rows])):
+                out[k] = p
+        return out
+
+    def name_detections(self, pixels: Any, labels: Sequence[str], masks: Any) -> list[tuple[str, float] | None]:
+        """``(colour, probability)`` of each detection whose label the head applies to, None for the others
+        (arguments as :meth:`detection_probabilities`)."""
+        return [None if p is None else (self.names[int(p.argmax())], round(float(p.max()), 4))
+                for p in self.detection_probabilities(pixels, labels, masks)]
 
     def save(self, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
         """Write ``colors.safetensors`` into ``folder`` (names, sizes and the fit's ``metrics`` in its metadata);
