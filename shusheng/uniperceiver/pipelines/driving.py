@@ -207,6 +207,7 @@ class TemporalWindow:
         for q in self.tracked:
             if q.id in answers:
                 answers[q.id].update(self._vote(q, time_s, answers[q.id]))
+        from_boxes = [b for b in boxes if b.get("label") in self.from_labels and "box" in b]
         out = {}
         for q in self.temporal:
             of, window = q.temporal["of"], float(q.temporal["window_s"])
@@ -216,7 +217,7 @@ class TemporalWindow:
             recent = [h for h in self.history if time_s - h[0] <= window + 1e-6]
             past = [(t, a[of]) for t, a, _ in recent if of in a]
             came_from = set(q.temporal.get("from", ()))
-            kept = [b for b in boxes if b.get("label") in came_from and "box" in b]
+            kept = [b for b in from_boxes if b["label"] in came_from]
             ignore = set(q.temporal.get("ignore", ()))
             if q.temporal["rule"] == "changed":
                 compared = [(a, s) for _, (a, s, *_) in past if a not in ignore] if now not in ignore else []
@@ -239,7 +240,7 @@ class TemporalWindow:
                          "evidence": evidence, "frames": len(compared)}
         self.history.append((time_s, {k: (v["answer"], float(v["score"]), _present(v["answer"], v.get("evidence", ())),
                                           _first_box(v)) for k, v in answers.items()},
-                             [b for b in boxes if b.get("label") in self.from_labels and "box" in b]))
+                             from_boxes))
         while self.history and time_s - self.history[0][0] > self.span + 1e-6:
             self.history.popleft()
         return out
