@@ -82,6 +82,25 @@ def test_resume_after_a_crash_finishes_the_same_file(drive, tmp_path):
     assert torn.read_text() == full.read_text()  # nothing left to do
 
 
+def test_worker_processes_write_what_one_process_writes(drive, tmp_path):
+    root, full, env = drive
+    out = tmp_path / "workers.jsonl"
+    run = _run(root / "drives", root / "images", "--out", out, "--every", 2, "--threads", 2, "--workers", 2,
+               "--batch-size", 4, env=env)  # 2-frame chunks: several in flight, finished out of order
+    assert "frames/s" in run.stderr
+    one = tmp_path / "one.jsonl"
+    _run(root / "drives", root / "images", "--out", one, "--every", 2, "--threads", 1, env=env)
+    got, want = _lines(out), _lines(one)
+    assert len(got) == len(want) > len(_lines(full))
+    for g, w in zip(got, want):  # same order, same answers (temporal ones included), same evidence boxes
+        assert (g["source"], g["frame"], g["question_id"], g["answer"]) == (
+            w["source"], w["frame"], w["question_id"], w["answer"])
+        assert [b["label"] for b in g["evidence"]] == [b["label"] for b in w["evidence"]]
+        assert (g["score"] is None) == (w["score"] is None)
+        if g["score"] is not None:
+            assert abs(g["score"] - w["score"]) < 1e-3
+
+
 def test_images_and_unreadable_files_get_lines_not_a_crash(drive, tmp_path):
     root, _, env = drive
     out = tmp_path / "images.jsonl"

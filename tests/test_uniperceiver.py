@@ -88,6 +88,24 @@ def test_prefix_mask_pads_never_keys():
     assert m.any(-1).all()
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_read_out_computes_the_full_pass_at_its_positions(norm_first):
+    from shusheng.uniperceiver.model import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(32, 4, 3, norm_first=norm_first).eval()
+    x = torch.randn(3, 7, 32)
+    valid = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4], dtype=torch.bool)
+    index = torch.tensor([6, 4, 0])
+    with torch.no_grad():
+        full, _ = enc(x, prefix_mask(valid))
+        at = enc.forward_at(x, prefix_mask(valid), index)
+    assert at.shape == (3, 32)
+    torch.testing.assert_close(at, full[torch.arange(3), index], atol=1e-5, rtol=1e-5)
+    # a different position per row is read, not the same one for all
+    assert not torch.allclose(at, full[:, 0], atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,12 @@ class Block(nn.Module):
         return x.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2)
 
     def _attn(self, x: torch.Tensor, allowed: torch.Tensor,
-              past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))  # (B, H, S, hd)
+              past: tuple[torch.Tensor, torch.Tensor] | None,
+              queries: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention of ``queries`` (default: ``x`` itself; (B, S', D)) over the keys of ``x`` (and ``past``);
+        ``allowed`` is (B, S', T)."""
+        q = self._heads(self.q(x if queries is None else queries))  # (B, H, S', hd)
+        k, v = self._heads(self.k(x)), self._heads(self.v(x))  # (B, H, S, hd)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, H, T, hd), T = past + S
         # the one place the boolean mask is handed to attention: True = may attend (SDPA's convention too)
@@ -91,6 +95,22 @@ class Block(nn.Module):
         a, kv = self._attn(x, allowed, past)
         x = self.attn_norm(x + a)
         return self.mlp_norm(x + self.drop(self.fc2(F.gelu(self.fc1(x))))), kv
+
+    def forward_at(self, x: torch.Tensor, allowed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """What :meth:`forward` gives at one position per sample, ``index`` (B,), computing only that: every
+        position's keys and values, but queries, attention output and MLP at ``index`` alone. (B, D)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        allowed = allowed[rows, index][:, None]  # (B, 1, S)
+        if self.norm_first:
+            h = self.attn_norm(x)
+            a, _ = self._attn(h, allowed, None, queries=h[rows, index][:, None])
+            y = x[rows, index][:, None] + a
+            y = y + self.drop(self.fc2(F.gelu(self.fc1(self.mlp_norm(y)))))
+        else:
+            a, _ = self._attn(x, allowed, None, queries=x[rows, index][:, None])
+            y = self.attn_norm(x[rows, index][:, None] + a)
+            y = self.mlp_norm(y + self.drop(self.fc2(F.gelu(self.fc1(y)))))
+        return y[:, 0]
 
     def load_bert_layer(self, sd: dict[str, torch.Tensor], prefix: str) -> None:
         """Copy a BERT layer (``encoder.layer.N.``) into this block."""
@@ -122,6 +142,14 @@ class Encoder(nn.Module):
             x, kv = layer(x, allowed, None if cache is None else cache[i])
             new.append(kv)
         return self.final_norm(x), new
+
+    def forward_at(self, x: torch.Tensor, allowed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The output at position ``index`` (B,) of each sample, ``forward(x, allowed)[0][arange(B), index]``
+        up to rounding: the last layer runs only where it is read (a read-out needs every position's keys and
+        values there, nothing else), which saves most of that layer. (B, D)."""
+        for layer in self.layers[:-1]:
+            x, _ = layer(x, allowed)
+        return self.final_norm(self.layers[-1].forward_at(x, allowed, index))
 
 
 class MatchingHead(nn.Module):
@@ -296,9 +324,9 @@ class UniPerceiver(PretrainedMixin, nn.Module):
         return self.encoder(prefix.x, prefix_mask(prefix.valid))
 
     def readout(self, prefix: Prefix) -> torch.Tensor:
-        """Matching feature (B, D) at the prefix's read-out ``<SPE>``."""
-        h, _ = self.encode_prefix(prefix)
-        return self.head(h[torch.arange(h.shape[0], device=h.device), prefix.readout])
+        """Matching feature (B, D) at the prefix's read-out ``<SPE>`` (the encoder's last layer computed there
+        only, see :meth:`Encoder.forward_at`)."""
+        return self.head(self.encoder.forward_at(prefix.x, prefix_mask(prefix.valid), prefix.readout))
 
     def word_inputs(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """Embed words ``ids`` (B, L) at text positions ``start + j``."""

@@ -195,6 +195,16 @@ class TemporalWindow:
         self.history: deque[tuple[float, dict[str, tuple[str, float, int, dict[str, Any] | None]],
                                   list[dict[str, Any]]]] = deque()
 
+    def push_output(self, output: ChecklistOutput, times: Sequence[float]) -> None:
+        """:meth:`push` every answered frame of ``output`` (consecutive frames of this window's video, at
+        ``times``), adding the temporal answers to ``output.results`` in place. The frame questions may have been
+        answered anywhere (another process, an earlier run): only their answers and boxes are read."""
+        if len(times) != len(output.results):
+            raise ValueError(f"got {len(times)} times for {len(output.results)} frames")
+        for i, res in enumerate(output.results):
+            if res is not None:
+                res.update(self.push(float(times[i]), res, boxes=output.detections[i] or ()))
+
     def push(self, time_s: float, answers: dict[str, dict[str, Any]],
              boxes: Sequence[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:
         """Record a frame's answers (``{id: {"answer", "score", "evidence"}}``) and answer the temporal questions
@@ -488,13 +498,10 @@ class DrivingChecklist:
                     res[q.id] = {"answer": a, "score": s, "evidence": self._evidence(q, a, used)}
                 out["results"][i] = res
                 out["detections"][i] = [{k: v for k, v in b.items() if k != "group"} for b in boxes]
+        result = ChecklistOutput(**out)
         if times is not None:
-            win = window if window is not None else self.window()
-            for i in range(n):
-                if out["results"][i] is not None:
-                    out["results"][i].update(win.push(float(times[i]), out["results"][i],
-                                                      boxes=out["detections"][i] or ()))
-        return ChecklistOutput(**out)
+            (window if window is not None else self.window()).push_output(result, times)
+        return result
 
 
 
