@@ -122,8 +122,8 @@ def grid_section(model, tokens, recs, answers, ans_feats, vocab, args) -> tuple[
     for s in range(0, len(items), bs):
         chunk = items[s:s + bs]
         idx = torch.tensor([i for i, _ in chunk])
-        p = model.vqa_match(None, [q["question"] for _, q in chunk], image_tokens=tokens[idx],
-                            answer_features=ans_feats)
+        p = model.vqa_match(None, [q["question"] for _, q in chunk], answers, image_tokens=tokens[idx],
+                            answer_features=ans_feats, match_form=not args.no_match_form)
         preds += [answers[j] for j in p.argmax(-1).tolist()]
     gen_hits: dict[str, list[bool]] = defaultdict(list)
     gen_form: list[bool] = []
@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grid-gen-images", type=int, default=100,
                         help="images whose grid questions are also answered by open generation")
     parser.add_argument("--no-grid", action="store_true", help="skip the question grid")
+    parser.add_argument("--no-match-form", action="store_true",
+                        help="grid matching over every answer even when the model has an answer-type head")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     reexec_with_bench_env()
@@ -253,8 +255,9 @@ def main(argv=None) -> int:
             for s in range(0, len(items), 4 * bs):
                 chunk = items[s:s + 4 * bs]
                 idx = torch.tensor([i for i, _, _ in chunk])
-                p = model.vqa_match(None, [question_of(qa, i, k) for i, k, qa in chunk], image_tokens=tokens[idx],
-                                    answer_features=ans_feats)
+                p = model.vqa_match(None, [question_of(qa, i, k) for i, k, qa in chunk], answers,
+                                    image_tokens=tokens[idx], answer_features=ans_feats,
+                                    match_form=not args.no_match_form)
                 for (_, _, qa), j in zip(chunk, p.argmax(-1).tolist()):
                     hits[qa["type"]].append(answers[j] == qa["answer"])
             per = {t: float(np.mean(h)) for t, h in sorted(hits.items())}

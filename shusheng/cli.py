@@ -71,6 +71,10 @@ COMMANDS: dict[str, Command | Group] = {
         "colors": Command("shusheng.train.colors",
                           "fit a Mask R-CNN detector's vehicle-colour head and store it with its weights",
                           add="add_train_arguments", run="run_train"),
+        "answer-types": Command("shusheng.train.answer_types",
+                                "fit a unified decoder's answer-type head (answers in the form asked) on the "
+                                "SynthDrive question grid and store it with its weights",
+                                add="add_train_arguments", run="run_train"),
         "domain-check": Command("shusheng.train.domain",
                                 "fit the in-domain check of a trained model and store it with its weights",
                                 add="add_train_arguments", run="run_train"),

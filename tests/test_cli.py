@@ -35,7 +35,7 @@ def _help(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
 def test_the_table_lists_every_command():
     assert list(COMMANDS) == ["ops", "data", "train", "eval", "caption", "ask", "chat", "generate", "detect", "segment", "index", "search", "export", "demo"]
     assert list(COMMANDS["train"].commands) == ["classify", "clip", "uniperceiver", "bridge", "t2i", "detect", "segment",
-                                                "colors", "domain-check"]
+                                                "colors", "answer-types", "domain-check"]
     assert list(COMMANDS["eval"].commands) == ["classify"]
     for path, entry in _paths():
         assert isinstance(entry, (Command, Group)), path

@@ -15,7 +15,10 @@ Shapes (nanoGPT style): B batch, N image tokens (g*g), L text tokens, D width, H
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from torch import nn
 
 from shusheng.backbone import create_backbone
 from shusheng.modeling import Preprocess, PretrainedMixin
+from shusheng.uniperceiver.answer_types import ANSWER_TYPES_FILE, AnswerTyper, type_masks
 from shusheng.uniperceiver.config import MINILM, TASKS, UniPerceiverConfig
 from shusheng.uniperceiver.masks import prefix_mask, two_stream_mask
 from shusheng.uniperceiver.tokenizers import (
@@ -232,6 +236,9 @@ class UniPerceiver(PretrainedMixin, nn.Module):
         self.encoder = Encoder(d, cfg.n_heads, cfg.n_layers, cfg.mlp_ratio, cfg.norm_first, cfg.layer_norm_eps,
                                cfg.dropout)
         self.head = MatchingHead(d, cfg.layer_norm_eps)
+        # which form of answer a question asks for (an AnswerTyper, fitted by `shusheng train answer-types` and
+        # stored as answer_types.json): not a module, it reads words, not tensors
+        self.answer_typer: AnswerTyper | None = None
         self.logit_scale = nn.ParameterDict({t: nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
                                              for t in TASKS})
         self._init_encoder()
@@ -249,6 +256,23 @@ class UniPerceiver(PretrainedMixin, nn.Module):
         index[torch.tensor(vocab)] = torch.arange(len(vocab))
         self.register_buffer("vocab_ids", torch.tensor(vocab, dtype=torch.long), persistent=False)
         self.register_buffer("vocab_index", index, persistent=False)  # token id -> target index (-100: not a target)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        metadata: dict[str, Any] | None = None) -> Path:
+        """:meth:`PretrainedMixin.save_pretrained`, plus the answer typer as ``answer_types.json`` (an older one
+        in the folder is removed when this model has none)."""
+        out = super().save_pretrained(save_directory, dtype=dtype, metadata=metadata)
+        path = out / ANSWER_TYPES_FILE
+        if self.answer_typer is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(json.dumps(self.answer_typer.to_dict(), separators=(",", ":")) + "\n")
+        return out
+
+    def _after_load(self, meta: dict[str, Any], directory: Path) -> None:
+        path = Path(directory) / ANSWER_TYPES_FILE
+        if path.is_file():
+            self.answer_typer = AnswerTyper.from_dict(json.loads(path.read_text()))
 
     def _init_encoder(self) -> None:
         for m in self.encoder.modules():
@@ -375,15 +399,35 @@ class UniPerceiver(PretrainedMixin, nn.Module):
         return (self.scale("cls") * self.embed_image(images) @ t.T).softmax(-1)
 
     def vqa_match(self, images: torch.Tensor | None, questions: list[str], answers: list[str] | None = None,
-                  image_tokens: torch.Tensor | None = None, answer_features: torch.Tensor | None = None) -> torch.Tensor:
-        """VQA by answer matching: (B, A) softmax over ``answers`` (default: ``config.answers``)."""
+                  image_tokens: torch.Tensor | None = None, answer_features: torch.Tensor | None = None,
+                  match_form: bool = True) -> torch.Tensor:
+        """VQA by answer matching: (B, A) softmax over ``answers`` (default: ``config.answers``).
+
+        With an answer typer (:attr:`answer_typer`) and ``match_form``, each answer's probability is multiplied
+        by the probability that the question asks for an answer of its form, then renormalised
+        (:meth:`answer_form_weights`): "Is it raining?" leans to yes/no, "Is it day or night?" to the options it
+        names. That needs the answers' names: ``answers`` (with or without ``answer_features``, which are then
+        their features) or the default list."""
         if image_tokens is None:
             image_tokens = self.image_tokens(images)
+        names = answers if answers is not None else (self.config.answers if answer_features is None else None)
         if answer_features is None:
-            answer_features = self.text_features(answers if answers is not None else self.config.answers)
+            answer_features = self.text_features(names)
         q = self.tokenizer.encode(questions, self.config.max_text_len // 2)
         z = self.readout(self.prefix(image_tokens, q, spe_after_text=True))
-        return (self.scale("vqa") * z @ answer_features.T).softmax(-1)
+        logits = self.scale("vqa") * z @ answer_features.T
+        if match_form and self.answer_typer is not None and names is not None:
+            logits = logits + self.answer_form_weights(questions, names).to(logits).clamp_min(1e-12).log()
+        return logits.softmax(-1)
+
+    def answer_form_weights(self, questions: list[str], answers: list[str]) -> torch.Tensor:
+        """(B, A): for each question, the probability (by :attr:`answer_typer`) that it asks for a kind of answer
+        each answer is (yes/no, one of the options it names, a number, a value; see
+        :mod:`shusheng.uniperceiver.answer_types`)."""
+        if self.answer_typer is None:
+            raise ValueError("this model has no answer typer (fit one with `shusheng train answer-types`)")
+        p = self.answer_typer.probabilities(questions)  # (B, T)
+        return (p[:, :, None] * type_masks(questions, answers).float()).sum(1)
 
     # -- training -----------------------------------------------------------------------------------------
 

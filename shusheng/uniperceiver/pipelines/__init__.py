@@ -217,7 +217,7 @@ class VQAPipeline(_UniPerceiverPipeline):
 
     def __call__(self, images: Any, questions: str | list[str], mode: str = "match", top_k: int = 3,
                  answers: list[str] | None = None, max_new_tokens: int = 12, num_beams: int = 1,
-                 batch_size: int = 64, on_error: str = "item") -> VQAOutput:
+                 batch_size: int = 64, on_error: str = "item", match_form: bool = True) -> VQAOutput:
         """Answer questions about images.
 
         Args:
@@ -230,6 +230,8 @@ class VQAPipeline(_UniPerceiverPipeline):
             batch_size: images decoded and answered at a time.
             on_error: ``"item"`` (an image that cannot be loaded gets ``None`` and its reason in ``errors``) or
                 ``"raise"``.
+            match_form: matching mode with a model that has an answer-type head: only answers of the form the
+                question asks for (yes/no, one of the options it names, a number, a value) are candidates.
 
         Returns:
             :class:`VQAOutput`.
@@ -254,7 +256,8 @@ class VQAPipeline(_UniPerceiverPipeline):
                 bq = [qs[i] for i in batch.index]
                 if mode == "match":
                     # 3. read the question's <SPE> and match it against the answers
-                    p = self.model.vqa_match(None, bq, image_tokens=tokens, answer_features=feats)
+                    p = self.model.vqa_match(None, bq, cands, image_tokens=tokens, answer_features=feats,
+                                             match_form=match_form)
                     top = p.topk(min(top_k, len(cands)), dim=-1)
                     for i, vals, idx in zip(batch.index, top.values.tolist(), top.indices.tolist()):
                         pairs = [(cands[c], float(v)) for v, c in zip(vals, idx)]
