@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="decoder folder (default: the bundled shusheng-mini-uniperceiver)")
     ap.add_argument("--detector", default="none",
                     help="detector folder that counts vehicles (vehicle_count); 'auto': the bundled "
-                         "shusheng-mini-det; 'none' (default): the decoder answers (faster: 68 against 20 "
+                         "shusheng-mini-det; 'none' (default): the decoder answers (faster: 68 against 17-20 "
                          "frames/s on 2 threads with --workers 2; counts 0.46 against 0.76 on bench/drive_qa.py)")
     ap.add_argument("--detector-proposals", type=int, default=None,
                     help="a Mask R-CNN detector's RPN proposals per frame (default: the checklist's, "
