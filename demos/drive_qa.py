@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                      res.in_domain[j], res.domain_score[j], res.errors[j])
             bar.update(len(frames))
 
+        def submit(job, images: list) -> None:
+            """Queue a chunk; write whatever has finished, in order."""
+            for done_job, res in runner.submit(job, images):
+                finish(done_job, res)
+
         t_start = time.perf_counter()
         for src in sources:
             name = str(src)
@@ -176,14 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         batch.append((idx, t, img))
                         if len(batch) == chunk:
-                            for job, res in runner.submit((name, window, [(i, t) for i, t, _ in batch]),
-                                                          [img for _, _, img in batch]):
-                                finish(job, res)
+                            submit((name, window, [(i, t) for i, t, _ in batch]), [img for _, _, img in batch])
                             batch = []
                     if batch:
-                        for job, res in runner.submit((name, window, [(i, t) for i, t, _ in batch]),
-                                                      [img for _, _, img in batch]):
-                            finish(job, res)
+                        submit((name, window, [(i, t) for i, t, _ in batch]), [img for _, _, img in batch])
                 except (ValueError, OSError) as e:  # an unreadable video: one error line set, then go on
                     for job, res in runner.drain():  # what was read of it before
                         finish(job, res)
@@ -191,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if all((name, 0, q.id) in done for q in questions if not q.is_temporal):
                     continue
-                for job, res in runner.submit((name, None, [(0, None)]), [src]):
-                    finish(job, res)
+                submit((name, None, [(0, None)]), [src])
         for job, res in runner.drain():
             finish(job, res)
         seconds = time.perf_counter() - t_start

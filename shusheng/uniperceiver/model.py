@@ -90,31 +90,21 @@ class Block(nn.Module):
         return self.drop(self.attn_out(y.transpose(1, 2).reshape(b, s, h * hd))), (k, v)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """``x`` (B, S, D), ``allowed`` (B, S, T) bool over [past keys | own keys] -> (B, S, D), (K, V) of T keys."""
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, index: torch.Tensor | None = None):
+        """``x`` (B, S, D), ``allowed`` (B, S, T) bool over [past keys | own keys] -> (B, S, D), (K, V) of T keys.
+
+        ``index`` (B,): compute the output at that one position per sample only, (B, 1, D): every position's
+        keys and values, but queries, attention output and MLP there alone (what a read-out needs)."""
+        h = self.attn_norm(x) if self.norm_first else x  # what the keys, values and queries are made from
+        if index is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            allowed, queries, x = allowed[rows, index][:, None], h[rows, index][:, None], x[rows, index][:, None]
+        a, kv = self._attn(h, allowed, past, queries=None if index is None else queries)
         if self.norm_first:
-            a, kv = self._attn(self.attn_norm(x), allowed, past)
             x = x + a
             return x + self.drop(self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))), kv
-        a, kv = self._attn(x, allowed, past)
         x = self.attn_norm(x + a)
         return self.mlp_norm(x + self.drop(self.fc2(F.gelu(self.fc1(x))))), kv
-
-    def forward_at(self, x: torch.Tensor, allowed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """What :meth:`forward` gives at one position per sample, ``index`` (B,), computing only that: every
-        position's keys and values, but queries, attention output and MLP at ``index`` alone. (B, D)."""
-        rows = torch.arange(x.shape[0], device=x.device)
-        allowed = allowed[rows, index][:, None]  # (B, 1, S)
-        if self.norm_first:
-            h = self.attn_norm(x)
-            a, _ = self._attn(h, allowed, None, queries=h[rows, index][:, None])
-            y = x[rows, index][:, None] + a
-            y = y + self.drop(self.fc2(F.gelu(self.fc1(self.mlp_norm(y)))))
-        else:
-            a, _ = self._attn(x, allowed, None, queries=x[rows, index][:, None])
-            y = self.attn_norm(x[rows, index][:, None] + a)
-            y = self.mlp_norm(y + self.drop(self.fc2(F.gelu(self.fc1(y)))))
-        return y[:, 0]
 
     def load_bert_layer(self, sd: dict[str, torch.Tensor], prefix: str) -> None:
         """Copy a BERT layer (``encoder.layer.N.``) into this block."""
@@ -153,7 +143,8 @@ class Encoder(nn.Module):
         values there, nothing else), which saves most of that layer. (B, D)."""
         for layer in self.layers[:-1]:
             x, _ = layer(x, allowed)
-        return self.final_norm(self.layers[-1].forward_at(x, allowed, index))
+        y, _ = self.layers[-1](x, allowed, index=index)
+        return self.final_norm(y[:, 0])
 
 
 class MatchingHead(nn.Module):

@@ -230,8 +230,9 @@ class VQAPipeline(_UniPerceiverPipeline):
             batch_size: images decoded and answered at a time.
             on_error: ``"item"`` (an image that cannot be loaded gets ``None`` and its reason in ``errors``) or
                 ``"raise"``.
-            match_form: matching mode with a model that has an answer-type head: only answers of the form the
-                question asks for (yes/no, one of the options it names, a number, a value) are candidates.
+            match_form: matching mode with a model that has an answer typer: each answer is weighed by the
+                probability that the question asks for its form (yes/no, one of the options it names, a number,
+                a value; see :meth:`UniPerceiver.vqa_match`).
 
         Returns:
             :class:`VQAOutput`.
